@@ -1,0 +1,126 @@
+"""The dataset contract: shard names, sample schema, safe decoders and the manifest format.
+
+Both halves import this module; it is the one place that says what a shard holds
+(see docs/dataset-format.md). Nothing here ever unpickles.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+FORMAT_VERSION = "1.0"  # major.minor: readers refuse a newer major, read older minors
+SHARD_NAME = "shard-{:06d}.tar"
+MANIFEST_NAME = "manifest.json"
+PROTOTYPES_NAME = "prototypes.h5"
+WIDS_INDEX_NAME = "wids-index.json"
+KEY_DIGITS = 9
+
+# The entries of one sample (webdataset keys without the leading dot).
+SAMPLE_ENTRIES: tuple[str, ...] = ("rgb.jpg", "parts.png", "vid.png", "json")
+OPTIONAL_ENTRIES: tuple[str, ...] = ("depth.png",)
+
+VID_NONE = 0  # vid.png: 0 = no body vertex, else vertex index + 1
+
+
+class DatasetFormatError(ValueError):
+    """A dataset, shard or sample does not follow the documented format."""
+
+
+def sample_key(index: int) -> str:
+    """Zero-padded key of sample `index`, so lexical order is sample order."""
+    return f"{index:0{KEY_DIGITS}d}"
+
+
+def shard_name(shard_index: int) -> str:
+    return SHARD_NAME.format(shard_index)
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """JPEG bytes -> (H, W, 3) uint8."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def decode_parts(data: bytes) -> np.ndarray:
+    """8-bit PNG bytes -> (H, W) uint8 label ids 0-15."""
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode not in ("L", "P"):
+            raise DatasetFormatError(f"parts.png: expected an 8-bit single-channel PNG, got mode {im.mode}")
+        return np.asarray(im, dtype=np.uint8)
+
+
+def decode_vid(data: bytes) -> np.ndarray:
+    """16-bit PNG bytes -> (H, W) int32 (0 = none, else vertex index + 1)."""
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode not in ("I;16", "I;16B", "I"):
+            raise DatasetFormatError(f"vid.png: expected a 16-bit single-channel PNG, got mode {im.mode}")
+        return np.asarray(im, dtype=np.int32)
+
+
+def decode_json(data: bytes) -> dict[str, Any]:
+    return json.loads(data.decode("utf-8"))
+
+
+# The only decoders the project uses: extension -> function. Anything else stays raw bytes.
+SAFE_DECODERS = {
+    "rgb.jpg": decode_rgb,
+    "parts.png": decode_parts,
+    "vid.png": decode_vid,
+    "depth.png": decode_vid,
+    "json": decode_json,
+}
+
+
+def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """Decode a raw webdataset sample dict with SAFE_DECODERS only; unknown entries are dropped.
+
+    Keys may come with or without the leading dot (wids keeps it).
+    """
+    out: dict[str, Any] = {"__key__": sample.get("__key__"), "__url__": sample.get("__url__")}
+    for key, value in sample.items():
+        name = key.lstrip(".")
+        if name in SAFE_DECODERS:
+            out[name] = SAFE_DECODERS[name](value)
+    missing = [e for e in SAMPLE_ENTRIES if e not in out]
+    if missing:
+        raise DatasetFormatError(f"sample {out['__key__']}: missing entries {missing}")
+    return out
+
+
+def parse_version(version: str) -> tuple[int, int]:
+    major, minor = str(version).split(".")[:2]
+    return int(major), int(minor)
+
+
+def check_format_version(version: str, source: str) -> None:
+    """Refuse datasets of a newer major format version; older minors are read as they are."""
+    major, _ = parse_version(version)
+    ours, _ = parse_version(FORMAT_VERSION)
+    if major > ours:
+        raise DatasetFormatError(
+            f"{source}: format version {version} is newer than this reader's {FORMAT_VERSION}; "
+            "upgrade protoreg to read it"
+        )
+
+
+def load_manifest(path: str | Path) -> dict[str, Any]:
+    """Read and version-check a local manifest.json (or the one inside a dataset folder)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / MANIFEST_NAME
+    try:
+        manifest = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise DatasetFormatError(f"{p}: no manifest.json (expected a dataset folder written by gen-shards)")
+    except json.JSONDecodeError as e:
+        raise DatasetFormatError(f"{p}: not valid JSON ({e})")
+    if "format_version" not in manifest:
+        raise DatasetFormatError(f"{p}: manifest has no format_version")
+    check_format_version(manifest["format_version"], str(p))
+    return manifest

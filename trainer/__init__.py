@@ -1,0 +1,1 @@
+"""The trainer: data -> models -> losses -> loop, plus recognition and evaluation. Never imports bpy."""
