@@ -6,8 +6,10 @@ Both halves import this module; it is the one place that says what a shard holds
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,9 @@ SHARD_NAME = "shard-{:06d}.tar"
 MANIFEST_NAME = "manifest.json"
 PROTOTYPES_NAME = "prototypes.h5"
 WIDS_INDEX_NAME = "wids-index.json"
+WIDS_INDEX_KIND = "wids-shard-index-v1"
+RECORDS_DIR = ".records"  # one JSON record per finished shard (count, bytes, sha256)
+RUN_CONFIG_NAME = ".config.json"  # what the run that owns a dataset folder was asked to make
 KEY_DIGITS = 9
 
 # The entries of one sample (webdataset keys without the leading dot).
@@ -26,6 +31,19 @@ SAMPLE_ENTRIES: tuple[str, ...] = ("rgb.jpg", "parts.png", "vid.png", "json")
 OPTIONAL_ENTRIES: tuple[str, ...] = ("depth.png",)
 
 VID_NONE = 0  # vid.png: 0 = no body vertex, else vertex index + 1
+
+# Fields every sample's `json` entry holds (see docs/dataset-format.md for their meaning).
+SAMPLE_JSON_FIELDS: tuple[str, ...] = (
+    "index",
+    "seed",
+    "identity",
+    "identity_id",
+    "betas",
+    "pose",
+    "transl",
+    "camera",
+    "image_size",
+)
 
 
 class DatasetFormatError(ValueError):
@@ -39,6 +57,41 @@ def sample_key(index: int) -> str:
 
 def shard_name(shard_index: int) -> str:
     return SHARD_NAME.format(shard_index)
+
+
+def record_name(shard_index: int) -> str:
+    """File name (inside RECORDS_DIR) of shard `shard_index`'s record."""
+    return shard_name(shard_index).replace(".tar", ".json")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def canonical_json(obj: Any, indent: int | None = None) -> str:
+    """Deterministic JSON text (sorted keys, no NaN): the same object always gives the same bytes."""
+    separators = (",", ":") if indent is None else (",", ": ")
+    return json.dumps(obj, sort_keys=True, separators=separators, indent=indent, allow_nan=False)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a file under a temporary name in the same folder, fsync, then rename: never half-written."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
@@ -117,9 +170,11 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads(p.read_text())
     except FileNotFoundError:
-        raise DatasetFormatError(f"{p}: no manifest.json (expected a dataset folder written by gen-shards)")
+        raise DatasetFormatError(
+            f"{p}: no manifest.json (expected a dataset folder written by gen-shards)"
+        ) from None
     except json.JSONDecodeError as e:
-        raise DatasetFormatError(f"{p}: not valid JSON ({e})")
+        raise DatasetFormatError(f"{p}: not valid JSON ({e})") from None
     if "format_version" not in manifest:
         raise DatasetFormatError(f"{p}: manifest has no format_version")
     check_format_version(manifest["format_version"], str(p))
