@@ -1,0 +1,261 @@
+"""One gen-shards run: check inputs, claim the output folder, render the missing shards, finalise.
+
+The order matters for "nothing already written is damaged": every input is resolved and the folder's
+existing configuration compared BEFORE anything is written. Resuming is the normal path: shards that
+exist and match their record (sha256) are kept, the rest (and stale temporaries) are redone.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from generator.config import GenConfig
+from generator.workers import DEFAULT_BACKEND, GenJob, run_workers
+from generator.write import (
+    ShardPlan,
+    existing_fingerprint,
+    finalize_dataset,
+    fingerprint_differences,
+    holds_dataset_files,
+    plan_shards,
+    remove_stale_temporaries,
+    shard_is_complete,
+    to_jsonable,
+    write_run_config,
+)
+from protoreg import dataset as ds
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".exr", ".hdr", ".tif", ".tiff", ".webp", ".bmp")
+
+
+class GenerationError(RuntimeError):
+    """A one-line, user-facing reason why a run cannot start (bad input, foreign output folder)."""
+
+
+@dataclass
+class GenRequest:
+    """What the user asked for (the CLI's flags, resolved)."""
+
+    out_dir: Path
+    n: int
+    identities: str
+    seed: int = 0
+    workers: int = 2
+    shard_size: int = 1000
+    config: GenConfig | None = None
+    body_model: str | None = None
+    backgrounds: str | None = None
+    poses: str | None = None
+    backend: str = DEFAULT_BACKEND
+    command: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class GenSummary:
+    samples: int
+    shards: int
+    rendered_samples: int
+    rendered_shards: int
+    kept_shards: int
+    bytes: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.rendered_samples / self.seconds if self.seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        return (
+            f"{self.samples} samples in {self.shards} shards, {self.bytes / 1e6:.1f} MB "
+            f"({self.bytes / max(self.samples, 1) / 1e3:.1f} kB/sample); rendered {self.rendered_samples} "
+            f"samples ({self.rendered_shards} shards, {self.kept_shards} kept) in {self.seconds:.1f} s, "
+            f"{self.images_per_second:.2f} images/s"
+        )
+
+
+def git_commit() -> str:
+    """HEAD of the checkout the generator runs from, or "unknown" (installed copy, no git)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def generator_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("protoreg")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def default_command() -> str:
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def list_folder_files(folder: str | None, what: str) -> list[list[Any]] | None:
+    """[name, size] of a user folder's image files: part of the fingerprint, cheap to compute."""
+    if folder is None:
+        return None
+    p = Path(folder)
+    if not p.is_dir():
+        raise GenerationError(f"{what} {folder}: not a folder")
+    if not os.access(p, os.R_OK | os.X_OK):
+        raise GenerationError(f"{what} {folder}: folder is not readable")
+    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise GenerationError(f"{what} {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it")
+    unreadable = [f.name for f in files if not os.access(f, os.R_OK)]
+    if unreadable:
+        raise GenerationError(f"{what} {folder}: cannot read {unreadable[0]}")
+    return [[f.name, f.stat().st_size] for f in files]
+
+
+def list_pose_files(pattern: str | None) -> list[list[Any]] | None:
+    if pattern is None:
+        return None
+    import glob
+
+    files = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    if not files:
+        raise GenerationError(f"poses {pattern}: matches no files")
+    return [[os.path.basename(f), os.path.getsize(f)] for f in files]
+
+
+def resolve_inputs(req: GenRequest) -> tuple[Any, list[Any], dict[str, Any], dict[str, Any]]:
+    """Body, identities, fingerprint and run description; raises GenerationError on bad input."""
+    from protoreg.body import BodyModelError, load_body_model
+    from protoreg.identities import IdentityError, resolve_identities
+
+    config = req.config or GenConfig()
+    if req.n < 1:
+        raise GenerationError(f"--n {req.n}: expected a positive number of samples")
+    if req.shard_size < 1:
+        raise GenerationError(f"--shard-size {req.shard_size}: expected a positive number of samples")
+    backgrounds = list_folder_files(req.backgrounds, "--backgrounds")
+    poses = list_pose_files(req.poses)
+    try:
+        body = load_body_model(req.body_model)
+    except BodyModelError as e:
+        raise GenerationError(str(e)) from None
+    try:
+        identities = resolve_identities(req.identities, req.seed, body)
+    except (IdentityError, OSError) as e:
+        raise GenerationError(str(e)) from None
+    body_info = {
+        "file": Path(body.path).name,
+        "sha256": body.sha256,
+        "num_vertices": int(body.num_vertices),
+        "num_betas": int(body.num_betas),
+    }
+    ident_json = [i.to_json() for i in identities]
+    fingerprint = {
+        "config": config.to_dict(),
+        "seed": int(req.seed),
+        "n": int(req.n),
+        "shard_size": int(req.shard_size),
+        "identities": ident_json,
+        "body_model": {"file": body_info["file"], "sha256": body_info["sha256"]},
+        "backgrounds": backgrounds,
+        "poses": poses,
+        "format_version": ds.FORMAT_VERSION,
+    }
+    run = {
+        "fingerprint": fingerprint,
+        "generator": {"name": "protoreg", "version": generator_version(), "git_commit": git_commit()},
+        "command": req.command or default_command(),
+        "body_model": body_info,
+        "identities": ident_json,
+    }
+    return body, identities, to_jsonable(fingerprint), to_jsonable(run)
+
+
+def claim_output_folder(out_dir: Path, fingerprint: dict[str, Any]) -> None:
+    """Refuse a folder that holds another configuration's dataset; touch nothing when refusing."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GenerationError(f"--out {out_dir}: exists and is not a folder")
+    if not out_dir.exists():
+        return
+    stored = existing_fingerprint(out_dir)
+    if stored is None:
+        if holds_dataset_files(out_dir):
+            raise GenerationError(
+                f"--out {out_dir}: holds shards of an unknown configuration (no {ds.RUN_CONFIG_NAME}); "
+                "choose another folder"
+            )
+        return
+    differ = fingerprint_differences(stored, fingerprint)
+    if differ:
+        raise GenerationError(
+            f"--out {out_dir}: holds a dataset made with another configuration (differs in: "
+            f"{', '.join(differ)}); choose another folder or re-run with the same settings"
+        )
+
+
+def generate_dataset(req: GenRequest, echo: Callable[[str], None] = print) -> GenSummary:
+    """Run gen-shards: resume-safe, deterministic; returns what was done."""
+    from protoreg.prototypes import write_prototypes
+
+    out_dir = Path(req.out_dir)
+    config = req.config or GenConfig()
+    body, identities, fingerprint, run = resolve_inputs(req)
+    claim_output_folder(out_dir, fingerprint)
+    start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_run_config(out_dir, run)
+    if not (out_dir / ds.PROTOTYPES_NAME).exists():
+        write_prototypes(out_dir / ds.PROTOTYPES_NAME, identities, body, seed=req.seed)
+    plans = plan_shards(req.n, req.shard_size)
+    todo = [p for p in plans if not shard_is_complete(out_dir, p)]
+    remove_stale_temporaries(out_dir, todo)
+    if len(todo) < len(plans):
+        echo(f"keeping {len(plans) - len(todo)} verified shard(s); rendering {len(todo)}")
+    job = GenJob(
+        out_dir=str(out_dir),
+        config=config,
+        seed=req.seed,
+        identities=run["identities"],
+        body_model=str(body.path) if req.body_model is not None else None,
+        backgrounds=req.backgrounds,
+        poses=req.poses,
+        backend=req.backend,
+    )
+    rendered = _render_with_progress(job, todo, req.workers, req.progress)
+    manifest = finalize_dataset(out_dir)
+    summary = GenSummary(
+        samples=manifest["totals"]["samples"],
+        shards=manifest["totals"]["shards"],
+        rendered_samples=sum(p.count for p in todo),
+        rendered_shards=len(rendered),
+        kept_shards=len(plans) - len(todo),
+        bytes=manifest["totals"]["bytes"],
+        seconds=time.perf_counter() - start,
+    )
+    return summary
+
+
+def _render_with_progress(job: GenJob, todo: list[ShardPlan], workers: int, progress: bool) -> list[Any]:
+    from tqdm import tqdm
+
+    total = sum(p.count for p in todo)
+    if not todo:
+        return []
+    with tqdm(total=total, unit="img", desc="rendering", disable=not progress, smoothing=0.1) as bar:
+        return run_workers(job, todo, workers, on_sample=lambda _i: bar.update(1))
