@@ -33,8 +33,6 @@ from generator.write import (
 )
 from protoreg import dataset as ds
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".exr", ".hdr", ".tif", ".tiff", ".webp", ".bmp")
-
 
 class GenerationError(RuntimeError):
     """A one-line, user-facing reason why a run cannot start (bad input, foreign output folder)."""
@@ -111,21 +109,16 @@ def default_command() -> str:
 
 
 def list_folder_files(folder: str | None, what: str) -> list[list[Any]] | None:
-    """[name, size] of a user folder's image files: part of the fingerprint, cheap to compute."""
+    """[name, size] of a backgrounds folder's images: part of the fingerprint, cheap to compute."""
     if folder is None:
         return None
-    p = Path(folder)
-    if not p.is_dir():
-        raise GenerationError(f"{what} {folder}: not a folder")
-    if not os.access(p, os.R_OK | os.X_OK):
-        raise GenerationError(f"{what} {folder}: folder is not readable")
-    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise GenerationError(f"{what} {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it")
-    unreadable = [f.name for f in files if not os.access(f, os.R_OK)]
-    if unreadable:
-        raise GenerationError(f"{what} {folder}: cannot read {unreadable[0]}")
-    return [[f.name, f.stat().st_size] for f in files]
+    from generator.scene import BackgroundsError, list_backgrounds
+
+    try:
+        files = list_backgrounds(str(folder))
+    except BackgroundsError as e:
+        raise GenerationError(f"{what}: {e}") from None
+    return [[Path(f).name, Path(f).stat().st_size] for f in files]
 
 
 def list_pose_files(pattern: str | None) -> list[list[Any]] | None:

@@ -576,6 +576,27 @@ def check_sample(sample: dict[str, Any], width: int, height: int, num_vertices: 
     missing = [f for f in ds.SAMPLE_JSON_FIELDS if f not in meta]
     if missing:
         raise ds.DatasetFormatError(f"sample {key}: json lacks fields {missing}")
+    _check_sample_json(key, meta, width, height)
+
+
+def _check_sample_json(key: str, meta: dict[str, Any], width: int, height: int) -> None:
+    if meta["index"] != int(key):
+        raise ds.DatasetFormatError(f"sample {key}: json index is {meta['index']}")
+    ident = meta["identity"]
+    if not isinstance(ident, dict) or "name" not in ident or "id" not in ident:
+        raise ds.DatasetFormatError(f"sample {key}: json identity lacks name/id")
+    cam = meta["camera"]
+    missing = [f for f in ds.CAMERA_JSON_FIELDS if not isinstance(cam, dict) or f not in cam]
+    if missing:
+        raise ds.DatasetFormatError(f"sample {key}: json camera lacks fields {missing}")
+    if np.asarray(cam["K"]).shape != (3, 3) or np.asarray(cam["R"]).shape != (3, 3) or len(cam["t"]) != 3:
+        raise ds.DatasetFormatError(f"sample {key}: json camera K/R/t are not 3x3/3x3/3")
+    if (cam["width"], cam["height"]) != (width, height):
+        raise ds.DatasetFormatError(
+            f"sample {key}: json camera is {cam['width']}x{cam['height']}, dataset is {width}x{height}"
+        )
+    if len(meta["pose"]) != 72 or len(meta["transl"]) != 3:
+        raise ds.DatasetFormatError(f"sample {key}: json pose/transl are not 72/3 numbers")
 
 
 def _check_shard_samples(path: Path, shard: dict[str, Any], width: int, height: int, nverts: int) -> int:

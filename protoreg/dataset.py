@@ -34,16 +34,19 @@ VID_NONE = 0  # vid.png: 0 = no body vertex, else vertex index + 1
 
 # Fields every sample's `json` entry holds (see docs/dataset-format.md for their meaning).
 SAMPLE_JSON_FIELDS: tuple[str, ...] = (
-    "index",
-    "seed",
-    "identity",
-    "identity_id",
-    "betas",
-    "pose",
-    "transl",
-    "camera",
-    "image_size",
+    "index",  # sample index (int), equals int(__key__)
+    "seed",  # the sample's own seed
+    "identity",  # {"name": str, "id": int}
+    "betas",  # shape parameters
+    "pose",  # (72,) SMPL axis-angle
+    "transl",  # (3,) metres
+    "camera",  # {"K", "R", "t" (OpenCV), "width", "height", "crop_box", ...}
+    "lighting",
+    "garments",
+    "background",
+    "occluders",
 )
+CAMERA_JSON_FIELDS: tuple[str, ...] = ("K", "R", "t", "width", "height")
 
 
 class DatasetFormatError(ValueError):

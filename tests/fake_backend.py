@@ -35,12 +35,14 @@ class FakeBackend:
         meta = {
             "index": index,
             "seed": int(rng.integers(2**31)),
-            "identity": ident["name"],
-            "identity_id": ident["id"],
+            "identity": {"name": ident["name"], "id": ident["id"]},
             "betas": ident["betas"],
             "pose": np.zeros(72, np.float32),
             "transl": np.array([0.1, 0.2, 0.3], np.float32),
-            "camera": {"K": np.eye(3), "R": np.eye(3), "t": np.zeros(3)},
-            "image_size": [w, h],
+            "camera": {"K": np.eye(3), "R": np.eye(3), "t": np.zeros(3), "width": w, "height": h},
+            "lighting": {"sun": 1.0 / 3.0},
+            "garments": [],
+            "background": {},
+            "occluders": [],
         }
         return FakeRendered(rgb, parts, vid, np.full((h, w), 2.5, np.float32)), meta
