@@ -92,3 +92,10 @@ def test_synthetic_labels_are_mirror_symmetric(body):
 def test_mirror_index_of_points():
     points = np.array([[1.0, 0.0, 0.0], [-1.01, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 2.0, 0.0]])
     assert mirror_index(points).tolist() == [1, 0, 2, 3]
+
+
+def test_parts_doc_tables_match_the_taxonomy():
+    from protoreg.body.parts_doc import PARTS_DOC, parts_tables_markdown
+
+    text = PARTS_DOC.read_text()
+    assert parts_tables_markdown() in text, "docs/parts.md is stale: run python -m protoreg.body.parts_doc"

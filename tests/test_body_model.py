@@ -257,3 +257,16 @@ def test_model_attributes(body, synthetic_path, synthetic_arrays):
     assert body.parents.dtype == np.int64 and body.parents[0] == -1 and body.parents[16] == 13
     assert body.uv.shape == (1120, 2) and body.uv_faces.shape == body.faces.shape
     assert read_body_arrays(synthetic_path).sha256 == body.sha256
+
+
+def test_pose_mesh_of_the_shaped_body_equals_forward(body):
+    betas, pose, transl = random_inputs(2, 10, seed=13)
+    rest = body.rest_vertices(betas)
+    posed = body.pose_mesh(rest, pose, transl)
+    reference = body(betas, pose, transl)
+    assert torch.allclose(posed.vertices, reference.vertices, atol=1e-5)
+    assert torch.allclose(posed.joints, reference.joints, atol=1e-5)
+    plain = body.pose_mesh(rest, pose, transl, pose_correctives=False)
+    assert not torch.allclose(plain.vertices, reference.vertices, atol=1e-5)
+    with pytest.raises(ValueError, match=r"rest_vertices: expected shape \(B, 1120, 3\)"):
+        body.pose_mesh(rest[:, :100], pose)

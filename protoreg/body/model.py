@@ -167,11 +167,15 @@ class BodyModel(torch.nn.Module):
         vertices = self._shaped(betas)
         rest_joints = self._rest_joints(betas)
         rotations = axis_angle_to_matrix(pose.view(batch, NUM_JOINTS, 3))
-        if self.has_pose_correctives:
-            eye = torch.eye(3, dtype=pose.dtype, device=pose.device)
-            pose_feature = (rotations[:, 1:] - eye).reshape(batch, -1)
-            vertices = vertices + (pose_feature @ self._pose_basis).view(batch, self.num_vertices, 3)
+        vertices = vertices + self._pose_offsets(rotations)  # skipped when posedirs are all zero
 
+        return self._skin(vertices, rest_joints, rotations, transl)
+
+    def _skin(
+        self, vertices: torch.Tensor, rest_joints: torch.Tensor, rotations: torch.Tensor, transl: torch.Tensor
+    ) -> BodyOutput:
+        """Linear blend skinning of (B, V, 3) rest-pose vertices about (B, 24, 3) rest joints."""
+        batch = vertices.shape[0]
         world_rot, world_pos = self._world_transforms(rotations, rest_joints)
         # Skinning transform of joint j maps rest point x to R_j (x - J_j) + P_j.
         offsets = world_pos - (world_rot @ rest_joints.unsqueeze(-1)).squeeze(-1)
@@ -181,6 +185,36 @@ class BodyModel(torch.nn.Module):
         posed = (blended_rot @ vertices.unsqueeze(-1)).squeeze(-1) + blended[..., 9:]
         shift = transl[:, None, :]
         return BodyOutput(vertices=posed + shift, joints=world_pos + shift)
+
+    def pose_mesh(self, rest_vertices, pose=None, transl=None, pose_correctives: bool = True) -> BodyOutput:
+        """Pose any rest-pose mesh in this body's topology (B, V, 3), e.g. an enrolled scan fitted to it.
+
+        Joints are regressed from the given mesh; pose correctives are added unless switched off.
+        """
+        verts = torch.as_tensor(rest_vertices, dtype=self.v_template.dtype, device=self.v_template.device)
+        if verts.ndim == 2:
+            verts = verts[None]
+        if verts.ndim != 3 or tuple(verts.shape[1:]) != (self.num_vertices, 3):
+            raise ValueError(
+                f"rest_vertices: expected shape (B, {self.num_vertices}, 3), got {tuple(verts.shape)}"
+            )
+        batch = verts.shape[0]
+        pose = self._as_batch(pose, POSE_DIM, "pose", batch)
+        transl = self._as_batch(transl, 3, "transl", batch)
+        rest_joints = torch.einsum("jv,bvc->bjc", self.J_regressor, verts)
+        rotations = axis_angle_to_matrix(pose.view(batch, NUM_JOINTS, 3))
+        if pose_correctives:
+            verts = verts + self._pose_offsets(rotations)
+        return self._skin(verts, rest_joints, rotations, transl)
+
+    def _pose_offsets(self, rotations: torch.Tensor) -> torch.Tensor | float:
+        """(B, V, 3) pose corrective offsets from (B, 24, 3, 3) joint rotations (0 when there are none)."""
+        if not self.has_pose_correctives:
+            return 0.0
+        batch = rotations.shape[0]
+        eye = torch.eye(3, dtype=rotations.dtype, device=rotations.device)
+        pose_feature = (rotations[:, 1:] - eye).reshape(batch, -1)
+        return (pose_feature @ self._pose_basis).view(batch, self.num_vertices, 3)
 
     # ------------------------------------------------------------------ geometry helpers
 
