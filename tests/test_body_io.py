@@ -40,27 +40,37 @@ class _FakeChumpy:
         chumpy, ch = types.ModuleType("chumpy"), types.ModuleType("chumpy.ch")
         reordering = types.ModuleType("chumpy.reordering")
 
-        class Ch:  # holds its array in `x`, like the real chumpy.ch.Ch
+        class Ch:  # holds its array in `x`, plus bookkeeping state like the real chumpy.ch.Ch
             def __init__(self, x):
                 self.x = x
+                self._dirty_vars = {"x"}
+                self._depends_on_deps = {}
+                self._make_dense = False
 
-        class Select:  # a derived chumpy node: the array sits in `a`
+        class Select(Ch):  # a derived chumpy node: the array sits in `a`
             def __init__(self, a):
+                super().__init__(None)
+                del self.x
                 self.a = a
 
-        Ch.__module__, Select.__module__ = "chumpy.ch", "chumpy.reordering"
-        Ch.__qualname__, Select.__qualname__ = "Ch", "Select"
-        ch.Ch, reordering.Select, chumpy.ch = Ch, Select, ch
+        class MatVecMult(Ch):  # like SMPL's `J` entry: a sparse matrix times a Ch
+            def __init__(self, mtx, vec):
+                super().__init__(None)
+                self.mtx, self.vec = mtx, vec
+
+        for cls, module in ((Ch, "chumpy.ch"), (Select, "chumpy.reordering"), (MatVecMult, "chumpy.ch")):
+            cls.__module__, cls.__qualname__ = module, cls.__name__
+        ch.Ch, ch.MatVecMult, reordering.Select, chumpy.ch = Ch, MatVecMult, Select, ch
         self.modules = {"chumpy": chumpy, "chumpy.ch": ch, "chumpy.reordering": reordering}
         sys.modules.update(self.modules)
-        return Ch, Select
+        return Ch, Select, MatVecMult
 
     def __exit__(self, *exc):
         for name in self.modules:
             sys.modules.pop(name, None)
 
 
-def official_style_dict(arrays: dict, Ch, Select) -> dict:
+def official_style_dict(arrays: dict, Ch, Select, MatVecMult) -> dict:
     """Like an official SMPL .pkl: chumpy arrays, csc J_regressor, uint32 faces and kintree (root 2**32-1)."""
     kintree = arrays["kintree_table"].astype(np.uint32)
     kintree[0, 0] = np.uint32(4294967295)
@@ -72,6 +82,7 @@ def official_style_dict(arrays: dict, Ch, Select) -> dict:
         "J_regressor": scipy.sparse.csc_matrix(arrays["J_regressor"]),
         "weights": Ch(Ch(arrays["weights"])),
         "kintree_table": kintree,
+        "J": MatVecMult(scipy.sparse.csc_matrix(arrays["J_regressor"]), Ch(arrays["v_template"])),
         "bs_style": "lbs",
         "pose_training_info": {"sigma": np.float64(0.5), "n": 3},
     }
@@ -86,8 +97,8 @@ def test_npz_round_trip(tmp_path, arrays):
 @pytest.mark.parametrize("protocol", [0, 2, 4])
 def test_chumpy_style_pkl_loads_without_chumpy(tmp_path, arrays, protocol):
     path = tmp_path / "SMPL_NEUTRAL.pkl"
-    with _FakeChumpy() as (Ch, Select):
-        path.write_bytes(pickle.dumps(official_style_dict(arrays, Ch, Select), protocol=protocol))
+    with _FakeChumpy() as chumpy_classes:
+        path.write_bytes(pickle.dumps(official_style_dict(arrays, *chumpy_classes), protocol=protocol))
     assert "chumpy" not in sys.modules
     loaded = read_body_arrays(path)
     assert_same_body(loaded, arrays)
@@ -98,8 +109,8 @@ def test_chumpy_style_pkl_loads_without_chumpy(tmp_path, arrays, protocol):
 def test_pkl_and_npz_give_the_same_forward(tmp_path, arrays):
     npz, pkl = tmp_path / "body.npz", tmp_path / "body.pkl"
     np.savez(npz, **arrays)
-    with _FakeChumpy() as (Ch, Select):
-        pkl.write_bytes(pickle.dumps(official_style_dict(arrays, Ch, Select), protocol=2))
+    with _FakeChumpy() as chumpy_classes:
+        pkl.write_bytes(pickle.dumps(official_style_dict(arrays, *chumpy_classes), protocol=2))
     pose = 0.3 * torch.randn(2, 72, generator=torch.Generator().manual_seed(0))
     a, b = load_body_model(npz)(pose=pose), load_body_model(pkl)(pose=pose)
     assert torch.allclose(a.vertices, b.vertices, atol=1e-6)

@@ -99,3 +99,30 @@ def test_parts_doc_tables_match_the_taxonomy():
 
     text = PARTS_DOC.read_text()
     assert parts_tables_markdown() in text, "docs/parts.md is stale: run python -m protoreg.body.parts_doc"
+
+
+@pytest.fixture(scope="module")
+def default_body():
+    from protoreg.body import DEFAULT_BODY_MODEL
+
+    if not DEFAULT_BODY_MODEL.exists():
+        pytest.skip(f"{DEFAULT_BODY_MODEL} not baked yet")
+    return load_body_model()
+
+
+def test_default_body_has_every_part(default_body):
+    counts = np.bincount(default_body.vertex_parts, minlength=15)
+    assert counts[0] == 0 and np.all(counts[1:15] > 0)
+
+
+def test_default_body_labels_are_mirror_symmetric(default_body):
+    parts = default_body.vertex_parts
+    agree = np.mean(parts[default_body.mirror_index] == MIRROR_PART[parts])
+    assert agree >= 0.98
+
+
+def test_default_body_blend_zones_are_narrow(default_body):
+    """Most vertices belong clearly to one part; a few sit between two (shared facts: about 3 %)."""
+    weights = default_body.part_weights
+    assert np.allclose(weights.sum(1), 1.0, atol=1e-6)
+    assert np.mean(weights.max(1) < 0.6) < 0.08

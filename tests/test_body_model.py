@@ -12,7 +12,7 @@ from protoreg.body import BodyModel, BodyOutput, load_body_model
 from protoreg.body.io import read_body_arrays
 from protoreg.body.model import axis_angle_to_matrix
 from protoreg.body.synthetic import synthetic_body_arrays
-from protoreg.parts import SMPL_JOINT_NAMES
+from protoreg.parts import SMPL_JOINT_NAMES, SMPL_PARENTS
 
 J = {name: i for i, name in enumerate(SMPL_JOINT_NAMES)}
 
@@ -270,3 +270,55 @@ def test_pose_mesh_of_the_shaped_body_equals_forward(body):
     assert not torch.allclose(plain.vertices, reference.vertices, atol=1e-5)
     with pytest.raises(ValueError, match=r"rest_vertices: expected shape \(B, 1120, 3\)"):
         body.pose_mesh(rest[:, :100], pose)
+
+
+# ---------------------------------------------------------------------------- the embedded default body
+
+
+@pytest.fixture(scope="module")
+def default_body() -> BodyModel:
+    from protoreg.body import DEFAULT_BODY_MODEL
+
+    if not DEFAULT_BODY_MODEL.exists():
+        pytest.skip(f"{DEFAULT_BODY_MODEL} not baked yet")
+    return load_body_model()
+
+
+def test_default_body_loads(default_body):
+    import hashlib
+
+    from protoreg.body import DEFAULT_BODY_MODEL
+
+    assert default_body is load_body_model(None)
+    assert default_body.path == DEFAULT_BODY_MODEL.resolve()
+    assert DEFAULT_BODY_MODEL.parts[-3:] == ("blender_assets", "bodies", "anny_smpl.npz")
+    assert default_body.sha256 == hashlib.sha256(DEFAULT_BODY_MODEL.read_bytes()).hexdigest()
+    assert (default_body.num_vertices, default_body.num_betas, default_body.num_joints) == (13718, 16, 24)
+    assert default_body.faces.shape == (27420, 3)
+    assert default_body.uv is not None and default_body.uv_faces.shape == default_body.faces.shape
+    assert default_body.parents.tolist() == [-1, *SMPL_PARENTS[1:]]
+
+
+def test_default_body_is_a_standing_adult(default_body):
+    vertices = default_body().vertices[0]
+    height = float(vertices[:, 1].max() - vertices[:, 1].min())
+    assert 1.45 < height < 2.0
+    span = float(vertices[:, 0].max() - vertices[:, 0].min())
+    assert 0.9 * height < span < 1.2 * height  # T-pose: arm span about the height
+
+
+def test_default_body_follows_smpl_conventions(default_body):
+    assert_smpl_conventions(default_body)
+
+
+def test_default_body_matches_smplx(default_body):
+    from protoreg.body import DEFAULT_BODY_MODEL
+
+    with np.load(DEFAULT_BODY_MODEL) as npz:
+        arrays = {k: npz[k] for k in ("v_template", "f", "shapedirs", "posedirs", "J_regressor", "weights")}
+        arrays["kintree_table"] = npz["kintree_table"]
+    betas, pose, transl = random_inputs(2, default_body.num_betas, seed=17)
+    ours = default_body(betas=betas, pose=pose, transl=transl)
+    ref_vertices, ref_joints = smplx_forward(arrays, betas, pose, transl, torch.float32)
+    assert torch.allclose(ours.vertices, ref_vertices, atol=1e-5, rtol=0)
+    assert torch.allclose(ours.joints, ref_joints, atol=1e-5, rtol=0)

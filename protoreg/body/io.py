@@ -94,6 +94,7 @@ _NUMPY_MODULES = (
     "numpy._core.numeric",
 )
 _ALLOWED_NUMPY_NAMES = {"_reconstruct", "scalar", "_frombuffer"}
+_SAFE_BUILTINS = {"object", "set", "frozenset", "slice", "complex", "list", "tuple", "dict", "bytearray"}
 _SPARSE_STUBS: dict[str, type[_SparseStub]] = {
     "csc_matrix": _CscStub,
     "csc_array": _CscStub,
@@ -139,8 +140,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _codecs.encode  # py3 pickles of bytes at protocol < 3
         if (module, name) == ("copyreg", "_reconstructor"):
             return copyreg._reconstructor  # builds objects of (whitelisted) classes, protocols 0/1
-        if (module, name) == ("builtins", "object"):
-            return object
+        if module == "builtins" and name in _SAFE_BUILTINS:
+            return getattr(__import__("builtins"), name)  # chumpy state holds sets, e.g. _dirty_vars
         if module == "chumpy" or module.startswith("chumpy."):
             return type(name, (_ChumpyStub,), {"__module__": "protoreg.body.io.chumpy_stub"})
         if module.startswith("scipy.sparse") and name in _SPARSE_STUBS:
