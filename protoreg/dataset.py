@@ -142,6 +142,10 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     for key, value in sample.items():
         name = key.lstrip(".")
         if name in SAFE_DECODERS:
+            if hasattr(value, "getvalue"):  # wids hands out BytesIO streams
+                value = value.getvalue()
+            elif hasattr(value, "read"):
+                value = value.read()
             out[name] = SAFE_DECODERS[name](value)
     missing = [e for e in SAMPLE_ENTRIES if e not in out]
     if missing:
