@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from protoreg.dataset import canonical_json, file_sha256, write_text_atomic
+
 BETA_LIMIT = 2.5  # sampled betas stay within +-BETA_LIMIT standard deviations (plausible bodies)
 STRATIFIED_COMPONENTS = 3  # leading shape components drawn by Latin hypercube (height, build, ...)
 MIN_BETA_DISTANCE = 0.5  # sampled identities are at least this far apart in beta space
@@ -430,42 +432,24 @@ def resolve_identities(spec: str | int, seed: int, body: Any) -> list[Identity]:
     return sample_identities(n, seed, body)
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def identities_fingerprint(identities: list[Identity]) -> str:
     """sha256 of the canonical JSON of the cast (mesh files by content), for manifests and caches."""
     records = []
     for ident in identities:
         rec = ident.to_json()
         if ident.mesh is not None:
-            rec["mesh"] = _file_sha256(ident.mesh)
+            rec["mesh"] = file_sha256(ident.mesh)
         if ident.body_model is not None:
-            rec["body_model"] = _file_sha256(ident.body_model)
+            rec["body_model"] = file_sha256(ident.body_model)
         records.append(rec)
-    blob = json.dumps(records, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()
+    return hashlib.sha256(canonical_json(records).encode("utf-8")).hexdigest()
 
 
 def write_identities_jsonl(path: str | Path, identities: list[Identity]) -> None:
     """One identity per line (the JSONL format load_identities reads), written atomically."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for ident in identities:
-                rec = ident.to_json()
-                rec.pop("id")
-                f.write(json.dumps(rec) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    lines = []
+    for ident in identities:
+        rec = ident.to_json()
+        rec.pop("id")  # ids are positions in the file
+        lines.append(json.dumps(rec) + "\n")
+    write_text_atomic(path, "".join(lines))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,19 +224,26 @@ def _draw_legend(fig: Any, width: int, height: int) -> None:
     )
 
 
+def _remove_quietly(path: Path) -> None:
+    """Drop a temporary file after a failure; a folder that cannot hold it cannot hold it either."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def _save_atomic(fig: Any, out: Path, dpi: int) -> None:
     """PNG via a temporary file in the same folder, so a failed save leaves no partial picture."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.png", dir=out.parent)
-        os.close(fd)
+        fig.savefig(tmp, dpi=dpi, format="png", facecolor="white")
+        os.replace(tmp, out)
     except OSError as e:
+        _remove_quietly(tmp)
         raise click.ClickException(f"{out}: cannot write the picture: {e.strerror or e}") from e
-    try:
-        fig.savefig(tmp_name, dpi=dpi, format="png", facecolor="white")
-        os.replace(tmp_name, out)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        _remove_quietly(tmp)
         raise
 
 
@@ -254,8 +260,10 @@ def _shapes_to_draw(
     for ident in identities:
         rest, own = identity_rest_vertices(ident, body, bodies)
         verts = rest
-        if pose == "a":
-            posed = own.forward(betas=torch.as_tensor(ident.betas[None]), pose=torch.as_tensor(a_pose(1)))
+        if pose == "a":  # pose_mesh skins any rest mesh, so enrolled meshes get the A-pose too
+            posed = own.pose_mesh(
+                torch.as_tensor(rest[None], dtype=torch.float32), pose=torch.as_tensor(a_pose(1))
+            )
             verts = posed.vertices.detach().cpu().numpy()[0].astype(np.float64)
         normals = own.vertex_normals(torch.as_tensor(verts[None], dtype=torch.float32))
         out.append((verts, normals.detach().cpu().numpy()[0].astype(np.float64), float(np.ptp(rest[:, 1]))))
@@ -267,8 +275,7 @@ def render_contact_sheet(
 ) -> tuple[int, int]:
     """Write the PNG contact sheet atomically; returns its (width, height) in pixels.
 
-    pose 'a' (relaxed A-pose) or 't' (the rest T-pose); enrolled meshes are only known at rest, so a
-    cast with any mesh identity is drawn in T-pose.
+    pose 'a' (relaxed A-pose) or 't' (the rest T-pose). Heights are always measured at rest.
     """
     import matplotlib
 
@@ -277,8 +284,6 @@ def render_contact_sheet(
 
     if pose not in FRONT_SLOT_M:
         raise ValueError(f"pose: expected 'a' or 't', got {pose!r}")
-    if any(i.mesh is not None for i in identities):
-        pose = "t"
     faces = np.asarray(body.faces, dtype=np.int64)
     colors = PART_COLORS[np.asarray(body.vertex_parts)].astype(np.float64) / 255.0
     shapes = _shapes_to_draw(identities, body, pose)
@@ -335,7 +340,7 @@ def render_contact_sheet(
     type=click.Choice(["a", "t"]),
     default="a",
     show_default=True,
-    help="Draw in a relaxed A-pose or the rest T-pose (casts with enrolled meshes: always T).",
+    help="Draw in a relaxed A-pose or the rest T-pose.",
 )
 @click.option(
     "--max-shown",

@@ -9,7 +9,6 @@ See docs/prototypes.md for the file format.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,6 +254,14 @@ def _create(group: Any, name: str, data: np.ndarray) -> None:
     group.create_dataset(name, data=data, track_times=False)
 
 
+def _remove_quietly(path: Path) -> None:
+    """Drop a temporary file after a failure; a folder that cannot hold it cannot hold it either."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def write_prototypes(
     path: str | Path,
     identities: list[Identity],
@@ -275,14 +282,9 @@ def write_prototypes(
         raise PrototypeError(f"{path}: identity names must be unique")
     samples = sample_surface(body, n_points=n_points, seed=seed, min_per_part=min_per_part)
     hair_mask = hair_vertex_mask(body)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # same folder, so os.replace is atomic
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as e:
-        raise PrototypeError(f"{path}: cannot write prototypes: {e.strerror or e}") from e
-    tmp = Path(tmp_name)
-    try:
         with h5py.File(tmp, "w", track_order=True) as f:
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["taxonomy_version"] = TAXONOMY_VERSION
@@ -318,10 +320,10 @@ def write_prototypes(
                 _create(g, "betas", proto.betas)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)
         raise PrototypeError(f"{path}: cannot write prototypes: {e.strerror or e}") from e
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)
         raise
     return path
 

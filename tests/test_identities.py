@@ -258,3 +258,15 @@ def test_show_identities_writes_png_of_expected_size(body_path, tmp_path):
     hue_match = (pixels[..., 2] < 60) & (pixels[..., 0] > 120) & (pixels[..., 1] > 100)
     assert hue_match.sum() > 500, f"expected shaded {torso} torso pixels"
     assert sorted(p.name for p in out.parent.iterdir()) == ["identities.png"]  # no temporary left behind
+
+
+def test_show_identities_unwritable_output_is_a_one_line_error(body_path, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = CliRunner().invoke(
+        show_identities,
+        ["--identities", "1", "--body-model", str(body_path), "--out", str(blocker / "ids.png")],
+    )
+    assert result.exit_code == 1
+    assert "ids.png: cannot write the picture" in result.output
+    assert len(result.output.strip().splitlines()) == 1
