@@ -164,10 +164,16 @@ def gen_shards(
         poses=poses,
         progress=not quiet,
     )
+    from generator.workers import WorkerError
+
     try:
         summary = generate_dataset(request, echo=click.echo)
     except GenerationError as e:
         _fail(str(e))
+    except WorkerError as e:
+        click.echo(str(e), err=True)  # the worker's traceback, then a one-line summary
+        last = [line for line in str(e).splitlines() if line.strip()][-1]
+        _fail(f"generation failed in a worker: {last.strip()} (finished shards are kept; re-run to resume)")
     click.echo(f"{out}: {summary.describe()}")
 
 

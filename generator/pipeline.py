@@ -154,6 +154,7 @@ def resolve_inputs(req: GenRequest) -> tuple[Any, list[Any], dict[str, Any], dic
         raise GenerationError(str(e)) from None
     body_info = {
         "file": Path(body.path).name,
+        "path": str(Path(body.path).resolve()),
         "sha256": body.sha256,
         "num_vertices": int(body.num_vertices),
         "num_betas": int(body.num_betas),
