@@ -1,0 +1,226 @@
+"""Typed training configuration: dataclasses with YAML loading and saving.
+
+One `TrainConfig` describes a run completely (model, data, augmentation, losses, optimiser, loop);
+it is saved resolved in RUN/config.yaml and inside every checkpoint, so a run can be reproduced and a
+checkpoint from another configuration is recognised and refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is wrong; the message is one line naming the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of RegistrationNet. Its hash is the model fingerprint galleries check."""
+
+    embed_dim: int = 32  # D: size of pixel and point embeddings
+    widths: tuple[int, ...] = (16, 32, 64, 96)  # image encoder channels at strides 2, 4, 8, 16
+    decoder_width: int = 48  # channels of the stride-4 decoder
+    point_widths: tuple[int, ...] = (32, 64, 64)  # edge-conv layer widths of the point encoder
+    point_global: int = 128  # width of the point set's global (identity-level) descriptor
+    knn: int = 12  # neighbours per point in the static graph
+    use_normals: bool = True  # feed point normals to the point encoder
+    use_albedo: bool = True  # feed point albedo (skin / hair colour) to the point encoder
+    temperature_init: float = 0.07  # initial softmax temperature of the similarities (learnable)
+    image_size: tuple[int, int] = (128, 64)  # (H, W) the network is trained at; resize inputs to it
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # SPEC: dataset folder, brace-expanded shard list, or URL(s)
+    val: str = ""  # SPEC of the validation set ("" = no validation)
+    prototypes: str = ""  # prototypes.h5 path/URL; "" = next to the shards
+    batch_size: int = 16
+    workers: int = 2  # DataLoader worker processes (0 = in the main process)
+    shuffle_buffer: int = 256  # raw samples held for shuffling
+    max_points: int = 2048  # prototype points used per identity (a fixed, strided subset when N is larger)
+    val_samples: int = 256  # at most this many validation samples per validation
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # random resized crop: area share of the image
+    crop_ratio: tuple[float, float] = (0.8, 1.25)  # aspect ratio jitter relative to the output's
+    flip: bool = False  # a horizontal flip would swap left/right part labels; off by default
+    brightness: float = 0.35
+    contrast: float = 0.35
+    saturation: float = 0.4
+    hue: float = 0.06  # hue shift, fraction of a full turn
+    gray_p: float = 0.05  # probability of a grey-scale image
+    blur_p: float = 0.3
+    blur_sigma: tuple[float, float] = (0.3, 1.5)
+    noise_p: float = 0.4
+    noise_std: tuple[float, float] = (0.005, 0.04)
+    jpeg_p: float = 0.3
+    jpeg_quality: tuple[int, int] = (30, 90)
+    erase_p: float = 0.3
+    erase_area: tuple[float, float] = (0.02, 0.15)
+
+
+@dataclass
+class LossConfig:
+    w_contrast: float = 1.0  # (a) multi-positive InfoNCE: same identity AND same part
+    w_dense: float = 0.5  # (b) soft vertex targets from vid.png
+    w_seg: float = 1.0  # (c) part segmentation cross-entropy
+    pixels_per_batch: int = 1024  # foreground pixels sampled for (a) and (b), balanced over parts
+    dense_sigma: float = 0.05  # metres: width of the soft vertex targets in (b)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    weight_decay: float = 0.02
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 2.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 1000
+    seed: int = 0
+    device: str = "cpu"
+    compile: bool = False  # torch.compile the model
+    deterministic: bool = True  # torch.use_deterministic_algorithms on CPU
+    log_every: int = 10
+    ckpt_every: int = 200
+    val_every: int = 0  # 0 = validate only at the end (when --val is given)
+    threads: int = 0  # torch intra-op threads in the main process (0 = leave torch's default)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Coerce a YAML value to the annotated field type (tuples come back from YAML as lists)."""
+    origin = typing.get_origin(tp)
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, where) for v in value)
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_convert(a, v, where) for a, v in zip(args, value, strict=True))
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any], cls: type = TrainConfig, where: str = "config") -> Any:
+    """Build a (nested) config dataclass from plain data; unknown keys raise a one-line ConfigError."""
+    return _from_dict(cls, data or {}, where)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Dataclass -> plain dict of primitives (tuples become lists), safe for YAML, JSON and checkpoints."""
+
+    def plain(v: Any) -> Any:
+        if is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a YAML TrainConfig; a missing file, bad YAML or unknown key gives a one-line ConfigError."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of config sections at the top level")
+    return config_from_dict(data, TrainConfig, where=str(p))
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config atomically (temporary name, then rename)."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(p)
+
+
+def fingerprint(cfg: Any) -> str:
+    """sha256 of a config's canonical JSON: equal configs, equal fingerprints."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def model_fingerprint(model_cfg: ModelConfig) -> str:
+    """What galleries store to refuse embeddings made by a different architecture."""
+    return fingerprint(model_cfg)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    return dataclasses.replace(cfg, **changes)
+
+
+def training_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """The parts of the config a resumed run must share with the checkpoint (not steps, logging, device)."""
+    d = to_dict(cfg)
+    return {
+        "model": d["model"],
+        "augment": d["augment"],
+        "loss": d["loss"],
+        "optim": d["optim"],
+        "seed": d["seed"],
+        "data": {k: d["data"][k] for k in ("batch_size", "shuffle_buffer", "max_points")},
+    }

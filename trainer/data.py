@@ -1,0 +1,573 @@
+"""Streaming the shards into batches: SPEC resolution, a deterministic resumable sample stream, prototypes.
+
+The stream (per rank) is a pure function of (shards, seed, rank, world size, batch size):
+- the shard list is shuffled once with the seed and split by rank (`shards[rank::world]`), so no two
+  ranks ever read the same shard; each epoch then reads the rank's shards in a seeded order, forever
+  (no epoch end, so ranks with unequal sample counts never hang DDP);
+- raw samples (undecoded bytes) pass a seeded shuffle buffer and are numbered g = 0, 1, 2, ...;
+- batch b holds positions [b*B, (b+1)*B). DataLoader worker w of W decodes and augments only the
+  batches b with (b - start) % W == w and skips the rest undecoded, so the batch sequence is the same
+  for any worker count, and resuming at step N means starting at batch N: exact resume.
+- augmentation randomness comes from a generator seeded by (seed, rank, g).
+
+Decoding uses protoreg.dataset.SAFE_DECODERS only: anything else in a sample (.pyd, .pkl, ...) is
+dropped as raw bytes, never unpickled. Unreadable shards, truncated tars and corrupt samples are skipped
+and counted (`skipped` in each batch) instead of crashing the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import tariterators
+
+from protoreg import dataset as ds
+from trainer.augment import PhotoParams, augment_sample, photometric
+from trainer.config import AugmentConfig
+
+REQUIRED = ds.SAMPLE_ENTRIES
+
+
+class DataSpecError(ValueError):
+    """SPEC names no readable dataset; the message is one line naming SPEC and what was expected."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SPEC resolution
+
+
+@dataclass
+class DataSource:
+    """What a SPEC resolves to: shard URLs (local paths, pipe:, http(s)) and where the prototypes are."""
+
+    spec: str
+    urls: list[str]
+    prototypes: str | None = None
+    manifest: dict[str, Any] | None = None
+    root: str | None = None  # the dataset folder (local path or URL prefix), when known
+
+
+def _is_url(s: str) -> bool:
+    return s.startswith(("http://", "https://", "pipe:", "s3://", "gs://", "file:"))
+
+
+def _read_remote_text(url: str) -> str:
+    with wds.gopen(url, "rb") as f:
+        return f.read().decode("utf-8")
+
+
+def _manifest_shards(manifest: dict[str, Any], where: str) -> list[str]:
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise DataSpecError(f"{where}: manifest lists no shards")
+    names = [s["name"] if isinstance(s, dict) else str(s) for s in shards]
+    return names
+
+
+def resolve_spec(spec: str, prototypes: str = "") -> DataSource:
+    """SPEC -> DataSource. A dataset folder (local or URL ending in '/' or without '.tar'), a brace list
+    'dir/shard-{000000..000009}.tar', a comma/space separated list, or pipe:/http(s) URLs."""
+    spec = spec.strip()
+    if not spec:
+        raise DataSpecError("--shards: empty SPEC (expected a dataset folder, shard list or URLs)")
+    local = Path(spec).expanduser()
+    if not _is_url(spec) and local.is_dir():
+        try:
+            manifest = ds.load_manifest(local)
+        except ds.DatasetFormatError as e:
+            raise DataSpecError(str(e)) from None
+        urls = [str(local / n) for n in _manifest_shards(manifest, str(local))]
+        proto_name = (manifest.get("prototypes") or {}).get("file", ds.PROTOTYPES_NAME)
+        proto = prototypes or str(local / proto_name)
+        return DataSource(spec, urls, proto, manifest, str(local))
+    if (
+        spec.startswith(("http://", "https://"))
+        and not spec.split("?")[0].endswith(".tar")
+        and "{" not in spec
+    ):
+        root = spec.rstrip("/")
+        try:
+            manifest = json.loads(_read_remote_text(f"{root}/{ds.MANIFEST_NAME}"))
+        except Exception as e:  # noqa: BLE001 - any transport error means the same to the user
+            raise DataSpecError(f"{spec}: cannot read {ds.MANIFEST_NAME} ({e})") from None
+        ds.check_format_version(manifest.get("format_version", "0.0"), spec)
+        urls = [f"{root}/{n}" for n in _manifest_shards(manifest, spec)]
+        proto_name = (manifest.get("prototypes") or {}).get("file", ds.PROTOTYPES_NAME)
+        return DataSource(spec, urls, prototypes or f"{root}/{proto_name}", manifest, root)
+    parts = (
+        [p for chunk in spec.split(",") for p in chunk.split()] if not spec.startswith("pipe:") else [spec]
+    )
+    urls: list[str] = []
+    for p in parts:
+        urls.extend(wds.shardlists.expand_urls(p))
+    if not urls:
+        raise DataSpecError(f"{spec}: no shards (expected a dataset folder, shard list or URLs)")
+    for u in urls:
+        if not _is_url(u) and not Path(u).exists():
+            raise DataSpecError(f"{spec}: shard {u} not found")
+    proto = prototypes
+    root = None
+    if not proto:
+        first = urls[0]
+        if not first.startswith("pipe:"):
+            root = first.rsplit("/", 1)[0] if "/" in first else "."
+            proto = f"{root}/{ds.PROTOTYPES_NAME}"
+    return DataSource(spec, urls, proto or None, None, root)
+
+
+def fetch_local(path_or_url: str, cache_dir: str | Path | None = None) -> Path:
+    """A local path for a file that may be remote (http(s), pipe:): downloaded once into cache_dir."""
+    if not _is_url(path_or_url):
+        return Path(path_or_url)
+    cache = Path(cache_dir or tempfile.gettempdir())
+    cache.mkdir(parents=True, exist_ok=True)
+    import hashlib
+
+    target = cache / f"{hashlib.sha256(path_or_url.encode()).hexdigest()[:16]}-{Path(path_or_url).name}"
+    if not target.exists():
+        tmp = target.with_name(target.name + ".tmp")
+        with wds.gopen(path_or_url, "rb") as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        os.replace(tmp, target)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prototypes
+
+
+@dataclass
+class PrototypeBank:
+    """All identities' prototypes as tensors, loaded once. Rows follow identity-id order."""
+
+    names: list[str]
+    ids: torch.Tensor  # (P,) long identity ids
+    points: torch.Tensor  # (P, N, 3) float32
+    normals: torch.Tensor  # (P, N, 3)
+    albedo: torch.Tensor  # (P, N, 3)
+    parts: torch.Tensor  # (N,) long 1..14 (shared sampling)
+    vertex_ids: torch.Tensor  # (N,) long
+    subset: torch.Tensor  # (N,) long: indices into the file's points (fixed strided subset)
+    row_of_id: dict[int, int] = field(default_factory=dict)
+    vertex_to_point: torch.Tensor | None = None  # (V,) long: nearest point of each body vertex, -1 unknown
+
+    @property
+    def num_points(self) -> int:
+        return int(self.points.shape[1])
+
+    def rows(self, identity_ids: torch.Tensor) -> torch.Tensor:
+        """Bank rows of identity ids; an id absent from prototypes.h5 raises a clear error."""
+        out = []
+        for i in identity_ids.tolist():
+            if i not in self.row_of_id:
+                raise DataSpecError(
+                    f"identity id {i}: not in prototypes.h5 (ids {sorted(self.row_of_id)[:10]}...)"
+                )
+            out.append(self.row_of_id[i])
+        return torch.tensor(out, dtype=torch.long)
+
+
+def point_subset(n_total: int, max_points: int) -> np.ndarray:
+    """The fixed prototype points the model uses: all of them, or an evenly strided subset.
+
+    Galleries must encode the same subset the model was trained on (see docs/trainer.md).
+    """
+    if max_points <= 0 or n_total <= max_points:
+        return np.arange(n_total)
+    return np.floor(np.arange(max_points) * (n_total / max_points)).astype(np.int64)
+
+
+def load_prototype_bank(
+    path: str | Path, max_points: int = 0, cache_dir: str | Path | None = None
+) -> PrototypeBank:
+    """Read prototypes.h5 (through protoreg.prototypes) into tensors."""
+    from protoreg.prototypes import PrototypeError, read_prototypes
+
+    local = fetch_local(str(path), cache_dir)
+    try:
+        protos = list(read_prototypes(local).values())
+    except (PrototypeError, FileNotFoundError) as e:
+        raise DataSpecError(f"{path}: cannot read prototypes ({str(e).splitlines()[0]})") from None
+    if not protos:
+        raise DataSpecError(f"{path}: holds no prototypes")
+    n = len(protos[0].points)
+    if any(len(p.points) != n for p in protos):
+        raise DataSpecError(f"{path}: prototypes have different point counts (expected a shared sampling)")
+    sub = point_subset(n, max_points)
+
+    def stack(attr: str) -> torch.Tensor:
+        return torch.from_numpy(np.stack([getattr(p, attr)[sub] for p in protos]).astype(np.float32))
+
+    ids = [int(p.identity_id) for p in protos]
+    bank = PrototypeBank(
+        names=[p.name for p in protos],
+        ids=torch.tensor(ids, dtype=torch.long),
+        points=stack("points"),
+        normals=stack("normals"),
+        albedo=stack("albedo"),
+        parts=torch.from_numpy(protos[0].parts[sub].astype(np.int64)),
+        vertex_ids=torch.from_numpy(protos[0].vertex_ids[sub].astype(np.int64)),
+        subset=torch.from_numpy(sub.astype(np.int64)),
+        row_of_id={i: r for r, i in enumerate(ids)},
+    )
+    bank.vertex_to_point = exact_vertex_to_point(bank)
+    return bank
+
+
+def exact_vertex_to_point(bank: PrototypeBank, num_vertices: int | None = None) -> torch.Tensor:
+    """(V,) point index whose source vertex is that vertex, -1 elsewhere (used when no body mesh is known)."""
+    v = int(num_vertices or (int(bank.vertex_ids.max()) + 1))
+    table = torch.full((v,), -1, dtype=torch.long)
+    table[bank.vertex_ids] = torch.arange(bank.num_points)
+    return table
+
+
+def nearest_vertex_to_point(bank: PrototypeBank, rest_vertices: np.ndarray) -> torch.Tensor:
+    """(V,) nearest prototype point of every body vertex on the mean shape, so every pixel with a known
+    vertex gets a target point (instead of only the ~30% of vertices that are some point's source)."""
+    verts = torch.as_tensor(np.asarray(rest_vertices, dtype=np.float32))
+    mean_pts = bank.points.mean(dim=0)
+    out = torch.empty(len(verts), dtype=torch.long)
+    for s in range(0, len(verts), 4096):
+        out[s : s + 4096] = torch.cdist(verts[s : s + 4096], mean_pts).argmin(dim=1)
+    return out
+
+
+def attach_body_vertices(bank: PrototypeBank, manifest: dict[str, Any] | None) -> str:
+    """Use the dataset's body model (else the embedded default) for the vertex->point table when its
+    vertex count matches; returns a word on what was used (for the log)."""
+    try:
+        from protoreg.body import load_body_model
+
+        info = (manifest or {}).get("body_model") or {}
+        path = info.get("path") or info.get("file") if isinstance(info, dict) else None
+        body = load_body_model(path if path and Path(path).exists() else None)
+        if int(bank.vertex_ids.max()) >= body.num_vertices:
+            return "exact vertex matches (body model has fewer vertices)"
+        import torch as _t
+
+        rest = body.rest_vertices(_t.zeros(1, int(body.num_betas)))[0].numpy()
+        bank.vertex_to_point = nearest_vertex_to_point(bank, rest)
+        return f"nearest points of {body.num_vertices} body vertices"
+    except Exception as e:  # noqa: BLE001 - the body model is optional for training
+        return f"exact vertex matches ({type(e).__name__})"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The raw, deterministic sample stream
+
+
+class SkipCounter:
+    """Exception handler for webdataset that logs, counts and continues (a truncated shard or an
+    unreadable URL costs its remaining samples, not the run)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.messages: list[str] = []
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.count += 1
+        if len(self.messages) < 20:
+            self.messages.append(f"{type(exn).__name__}: {str(exn)[:200]}")
+        return True
+
+
+def rank_and_world() -> tuple[int, int]:
+    """torch.distributed rank/world when initialised, else the torchrun environment, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def rank_shards(urls: list[str], seed: int, rank: int, world: int) -> list[str]:
+    """This rank's fixed, disjoint share of the shards (shuffled once with the seed)."""
+    if len(urls) < world:
+        raise DataSpecError(f"{len(urls)} shard(s) for {world} ranks: every rank needs at least one shard")
+    order = np.random.default_rng(np.random.SeedSequence([seed, 0x5A4D])).permutation(len(urls))
+    return [urls[i] for i in order[rank::world]]
+
+
+def raw_samples(
+    urls: list[str], handler: SkipCounter, bad_samples: list[int], shard_log: list[str] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Raw samples (bytes) of the given shards in order; entries other than the schema's are dropped here,
+    so a pickle entry is never even passed on. Samples missing an entry are counted and skipped."""
+    keep = set(ds.SAFE_DECODERS)
+    for url in urls:
+        if shard_log is not None:
+            shard_log.append(url)
+        stream = tariterators.url_opener([dict(url=url)], handler=handler)
+        files = tariterators.tar_file_expander(stream, handler=handler)
+        for sample in tariterators.group_by_keys(files, handler=handler):
+            clean = {"__key__": sample.get("__key__"), "__url__": sample.get("__url__")}
+            for k, v in sample.items():
+                name = k.lstrip(".")
+                if name in keep:
+                    clean[name] = v
+            if any(e not in clean for e in REQUIRED):
+                bad_samples[0] += 1
+                continue
+            yield clean
+
+
+def shuffled(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Seeded reservoir-style shuffle buffer: fill to `size`, then emit a random slot per new item."""
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = int(rng.integers(0, size))
+        out, buf[j] = buf[j], item
+        yield out
+    while buf:
+        j = int(rng.integers(0, len(buf)))
+        buf[j], buf[-1] = buf[-1], buf[j]
+        yield buf.pop()
+
+
+def sample_rng(seed: int, rank: int, position: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, rank, position, 0xA06]))
+
+
+def identity_of(meta: dict[str, Any]) -> int:
+    ident = meta.get("identity")
+    if isinstance(ident, dict) and "id" in ident:
+        return int(ident["id"])
+    if "identity_id" in meta:
+        return int(meta["identity_id"])
+    raise ds.DatasetFormatError("json: no identity id (expected identity.id)")
+
+
+def decode_and_augment(
+    raw: dict[str, Any],
+    rng: np.random.Generator,
+    out_hw: tuple[int, int],
+    augment: AugmentConfig | None,
+) -> dict[str, Any]:
+    """SAFE_DECODERS only, then the per-sample augmentation; raises on a corrupt sample."""
+    s = ds.decode_sample(raw)
+    rgb, parts, vid = s["rgb.jpg"], s["parts.png"], s["vid.png"]
+    if parts.shape != rgb.shape[:2] or vid.shape != rgb.shape[:2]:
+        raise ds.DatasetFormatError(f"sample {raw['__key__']}: rgb/parts/vid sizes differ")
+    rgb, parts, vid, valid, photo = augment_sample(rng, rgb, parts, vid, out_hw, augment)
+    return {
+        "rgb": rgb,
+        "parts": parts,
+        "vid": vid,
+        "valid": valid,
+        "photo": photo,
+        "identity": identity_of(s["json"]),
+        "key": str(raw["__key__"]),
+        "url": str(raw["__url__"]),
+    }
+
+
+def collate(
+    items: list[dict[str, Any]], positions: list[int], skipped: int, batch_index: int
+) -> dict[str, Any]:
+    """Stack decoded samples into tensors and run the batch-level photometric augmentation."""
+    if items:
+        images = torch.from_numpy(np.stack([it["rgb"] for it in items])).permute(0, 3, 1, 2).float().div_(255)
+        images = photometric(images, [it["photo"] for it in items])
+        parts = torch.from_numpy(np.stack([it["parts"] for it in items]).astype(np.int64))
+        vid = torch.from_numpy(np.stack([it["vid"] for it in items]).astype(np.int64))
+        valid = torch.from_numpy(np.stack([it["valid"] for it in items]))
+    else:
+        images, parts, vid, valid = (
+            torch.zeros(0, 3, 1, 1),
+            torch.zeros(0, 1, 1, dtype=torch.long),
+            torch.zeros(0, 1, 1, dtype=torch.long),
+            torch.zeros(0, 1, 1, dtype=torch.bool),
+        )
+    return {
+        "images": images,
+        "parts": parts,
+        "vid": vid,
+        "valid": valid,
+        "identity": torch.tensor([it["identity"] for it in items], dtype=torch.long),
+        "position": torch.tensor(positions, dtype=torch.long),
+        "keys": [it["key"] for it in items],
+        "urls": [it["url"] for it in items],
+        "skipped": int(skipped),
+        "batch_index": int(batch_index),
+    }
+
+
+class ShardStream(IterableDataset):
+    """Infinite, resumable, worker-count-invariant batches of one rank (see the module docstring)."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        batch_size: int,
+        image_hw: tuple[int, int],
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        start_batch: int = 0,
+        shuffle_buffer: int = 256,
+        augment: AugmentConfig | None = None,
+        shard_log_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.urls = rank_shards(list(urls), seed, rank, world)
+        self.batch_size = int(batch_size)
+        self.image_hw = tuple(image_hw)
+        self.seed, self.rank, self.world = int(seed), int(rank), int(world)
+        self.start_batch = int(start_batch)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.augment = augment
+        self.shard_log_path = shard_log_path
+
+    def epoch_order(self, epoch: int) -> list[str]:
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.rank, epoch, 0xE90C]))
+        return [self.urls[i] for i in rng.permutation(len(self.urls))]
+
+    def _positions(self, handler: SkipCounter, bad: list[int], log: list[str] | None):
+        """(raw sample, position, newly skipped before it) forever, epoch after epoch."""
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.rank, 0x5B0F]))
+
+        def epochs():
+            epoch = 0
+            while True:
+                n = 0
+                for s in raw_samples(self.epoch_order(epoch), handler, bad, log):
+                    n += 1
+                    yield s
+                if n == 0:
+                    msgs = "; ".join(handler.messages[-3:])
+                    raise ds.DatasetFormatError(f"no readable samples in {len(self.urls)} shard(s) ({msgs})")
+                epoch += 1
+
+        seen_bad = 0
+        for pos, s in enumerate(shuffled(epochs(), self.shuffle_buffer, rng)):
+            total = handler.count + bad[0]
+            yield s, pos, total - seen_bad
+            seen_bad = total
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        handler, bad = SkipCounter(), [0]
+        log: list[str] | None = [] if self.shard_log_path else None
+        logged = 0
+        bsz = self.batch_size
+        items: list[dict[str, Any]] = []
+        positions: list[int] = []
+        skipped = 0
+        for raw, pos, newly_bad in self._positions(handler, bad, log):
+            b = pos // bsz
+            mine = b >= self.start_batch and (b - self.start_batch) % nw == wid
+            if log is not None and len(log) > logged:
+                self._log_shards(log[logged:], wid)
+                logged = len(log)
+            if mine:
+                skipped += newly_bad
+                try:
+                    items.append(
+                        decode_and_augment(
+                            raw, sample_rng(self.seed, self.rank, pos), self.image_hw, self.augment
+                        )
+                    )
+                    positions.append(pos)
+                except Exception as e:  # noqa: BLE001 - a corrupt sample is skipped and counted
+                    skipped += 1
+                    if len(handler.messages) < 20:
+                        handler.messages.append(f"{raw.get('__key__')}: {type(e).__name__}: {e}")
+            if pos % bsz == bsz - 1 and mine:
+                yield collate(items, positions, skipped, b)
+                items, positions, skipped = [], [], 0
+
+    def _log_shards(self, urls: list[str], wid: int) -> None:
+        with open(self.shard_log_path, "a") as f:
+            for u in urls:
+                f.write(f"{self.rank}\t{wid}\t{u}\n")
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def make_loader(stream: ShardStream, workers: int) -> DataLoader:
+    """A DataLoader over the stream; batches are built in the workers (batch_size=None)."""
+    kwargs: dict[str, Any] = {}
+    if workers > 0:
+        kwargs = {"prefetch_factor": 4, "persistent_workers": False, "worker_init_fn": _worker_init}
+        if sys.platform == "linux":
+            kwargs["multiprocessing_context"] = "fork"
+    return DataLoader(stream, batch_size=None, num_workers=workers, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Finite reading (validation, evaluation)
+
+
+def iterate_samples(
+    urls: list[str],
+    image_hw: tuple[int, int] | None = None,
+    limit: int | None = None,
+    skips: SkipCounter | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Every sample of the shards once, in order, decoded safely and (optionally) resized, no augmentation.
+
+    Yields dicts rgb (H,W,3) uint8, parts, vid, valid, identity, key, url. Corrupt samples are skipped.
+    """
+    handler = skips or SkipCounter()
+    bad = [0]
+    n = 0
+    for raw in raw_samples(urls, handler, bad):
+        try:
+            s = ds.decode_sample(raw)
+        except Exception:  # noqa: BLE001
+            handler.count += 1
+            continue
+        hw = image_hw or s["rgb.jpg"].shape[:2]
+        out = (
+            decode_and_augment(raw, np.random.default_rng(0), hw, None)
+            if image_hw
+            else {
+                "rgb": s["rgb.jpg"],
+                "parts": s["parts.png"],
+                "vid": s["vid.png"],
+                "valid": np.ones(s["parts.png"].shape, bool),
+                "photo": PhotoParams(),
+                "identity": identity_of(s["json"]),
+                "key": str(raw["__key__"]),
+                "url": str(raw["__url__"]),
+            }
+        )
+        out["json"] = s["json"]
+        yield out
+        n += 1
+        if limit is not None and n >= limit:
+            return
+    handler.count += bad[0]
+
+
+def iterate_batches(
+    urls: list[str], batch_size: int, image_hw: tuple[int, int], limit: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """iterate_samples grouped into collated batches (no augmentation)."""
+    items: list[dict[str, Any]] = []
+    n = 0
+    for s in iterate_samples(urls, image_hw, limit):
+        items.append(s)
+        if len(items) == batch_size:
+            yield collate(items, list(range(n, n + len(items))), 0, n // batch_size)
+            n += len(items)
+            items = []
+    if items:
+        yield collate(items, list(range(n, n + len(items))), 0, n // batch_size)

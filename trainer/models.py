@@ -1,0 +1,282 @@
+"""RegistrationNet: image pixels and prototype points embedded in one space, in plain torch.
+
+- Image branch: a small residual encoder (strides 2-16) with a global-context vector (identity cues
+  such as skin tone, hair colour and build are global) and a feature-pyramid decoder back to stride 4,
+  giving L2-normalised D-dim pixel embeddings and 16-class part logits (0 bg, 1-14 parts, 15 occluder).
+- Point branch: a DGCNN-style encoder over a static kNN graph. All prototypes share one sampling
+  (point i is the same anatomical place on every body), so the graph is computed once per point-set
+  topology and cached. Edge layers use a linear edge function with mean aggregation, computed as one
+  sparse product for all prototypes at once (a (P,N,k,C) neighbour tensor was 3-4x slower on CPU).
+  Point features: xyz, normals, albedo; a max-pooled global descriptor is appended to every point.
+
+Inputs to `encode_image` are RGB in [0, 1]; normalisation happens inside.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from protoreg.parts import NUM_LABELS
+from trainer.config import ModelConfig
+
+__all__ = ["ImageFeatures", "ModelConfig", "RegistrationNet", "count_parameters", "knn_graph"]
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", message="Sparse invariant checks")
+
+IMAGE_MEAN = (0.45, 0.42, 0.40)
+IMAGE_STD = (0.25, 0.25, 0.25)
+
+
+@dataclass
+class ImageFeatures:
+    embeddings: Tensor  # (B, D, h, w) L2-normalised over D
+    seg_logits: Tensor  # (B, 16, h, w)
+    stride: int  # input pixels per feature cell
+
+
+def conv_bn(cin: int, cout: int, stride: int = 1, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class ResBlock(nn.Module):
+    """Strided 3x3 conv then a residual 3x3 pair: the encoder's unit."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.down = conv_bn(cin, cout, stride)
+        self.conv1 = conv_bn(cout, cout)
+        self.conv2 = nn.Sequential(nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.down(x)
+        return F.relu(x + self.conv2(self.conv1(x)))
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        w = cfg.widths
+        if len(w) != 4:
+            raise ValueError(f"model.widths: expected 4 widths (strides 2, 4, 8, 16), got {list(w)}")
+        d = cfg.decoder_width
+        self.stem = conv_bn(3, w[0], 2)
+        self.stage1 = ResBlock(w[0], w[1], 2)
+        self.stage2 = ResBlock(w[1], w[2], 2)
+        self.stage3 = ResBlock(w[2], w[3], 2)
+        self.context = nn.Sequential(nn.Linear(w[3], d), nn.ReLU(inplace=True), nn.Linear(d, d))
+        self.lat3 = nn.Conv2d(w[3], d, 1)
+        self.lat2 = nn.Conv2d(w[2], d, 1)
+        self.lat1 = nn.Conv2d(w[1], d, 1)
+        self.fuse = nn.Sequential(conv_bn(d, d), conv_bn(d, d))
+        self.embed = nn.Conv2d(d, cfg.embed_dim, 1)
+        self.seg = nn.Conv2d(d, NUM_LABELS, 1)
+        self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        x = (images - self.mean) / self.std
+        c1 = self.stage1(self.stem(x))  # stride 4
+        c2 = self.stage2(c1)  # stride 8
+        c3 = self.stage3(c2)  # stride 16
+        ctx = self.context(c3.mean(dim=(2, 3)))[:, :, None, None]
+        p = self.lat3(c3) + ctx
+        p = F.interpolate(p, size=c2.shape[-2:], mode="nearest") + self.lat2(c2)
+        p = F.interpolate(p, size=c1.shape[-2:], mode="nearest") + self.lat1(c1)
+        p = self.fuse(p)
+        return self.embed(p), self.seg(p)
+
+
+def knn_graph(points: Tensor, k: int) -> Tensor:
+    """(N, k) indices of each point's k nearest neighbours (itself excluded), by Euclidean distance."""
+    n = points.shape[0]
+    k = min(k, n - 1)
+    d = torch.cdist(points.float(), points.float())
+    d.fill_diagonal_(float("inf"))
+    return d.topk(k, dim=1, largest=False).indices
+
+
+class NeighbourGraph:
+    """A static kNN graph as row-normalised sparse adjacency (and its transpose, for the backward pass)."""
+
+    def __init__(self, nbrs: Tensor) -> None:
+        n, k = nbrs.shape
+        rows = torch.arange(n).repeat_interleave(k)
+        adj = torch.sparse_coo_tensor(
+            torch.stack([rows, nbrs.reshape(-1).cpu()]), torch.full((n * k,), 1.0 / k), (n, n)
+        ).coalesce()
+        self.nbrs = nbrs
+        self.adj = adj.to_sparse_csr()
+        self.adj_t = adj.t().coalesce().to_sparse_csr()
+
+    def to(self, device: torch.device | str) -> NeighbourGraph:
+        if self.adj.device == torch.device(device):
+            return self
+        out = NeighbourGraph.__new__(NeighbourGraph)
+        out.nbrs, out.adj, out.adj_t = self.nbrs.to(device), self.adj.to(device), self.adj_t.to(device)
+        return out
+
+
+class _NeighbourMean(torch.autograd.Function):
+    """y = A x with the transpose precomputed for the gradient (sparse CSR products both ways)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, adj: Tensor, adj_t: Tensor) -> Tensor:  # noqa: ANN001
+        ctx.adj_t = adj_t
+        return adj @ x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+        return ctx.adj_t @ grad.contiguous(), None, None
+
+
+def neighbour_mean(v: Tensor, graph: NeighbourGraph) -> Tensor:
+    """Mean of each point's neighbours' features: (P,N,C) -> (P,N,C), one sparse product for all P."""
+    p, n, c = v.shape
+    x = v.transpose(0, 1).reshape(n, p * c).float()
+    y = _NeighbourMean.apply(x, graph.adj, graph.adj_t)
+    return y.reshape(n, p, c).transpose(0, 1).to(v.dtype)
+
+
+class EdgeLayer(nn.Module):
+    """Static-graph edge convolution with a linear edge function and mean aggregation:
+    h_i = relu(LN(A x_i + B mean_j (x_j - x_i))), j over the kNN of i (GraphSAGE/DGCNN-like)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.center = nn.Linear(cin, cout)
+        self.neigh = nn.Linear(cin, cout, bias=False)
+        self.norm = nn.LayerNorm(cout)
+
+    def forward(self, x: Tensor, graph: NeighbourGraph) -> Tensor:
+        rel = neighbour_mean(x, graph) - x
+        return F.relu(self.norm(self.center(x) + self.neigh(rel)))
+
+
+class PointEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cin = 3 + (3 if cfg.use_normals else 0) + (3 if cfg.use_albedo else 0)
+        self.cfg = cfg
+        self.input = nn.Sequential(
+            nn.Linear(cin, cfg.point_widths[0]), nn.LayerNorm(cfg.point_widths[0]), nn.ReLU()
+        )
+        layers, c = [], cfg.point_widths[0]
+        for w in cfg.point_widths:
+            layers.append(EdgeLayer(c, w))
+            c = w
+        self.layers = nn.ModuleList(layers)
+        cat = sum(cfg.point_widths)
+        self.global_proj = nn.Sequential(nn.Linear(cat, cfg.point_global), nn.ReLU())
+        self.head = nn.Sequential(
+            nn.Linear(cat + cfg.point_global, 2 * cfg.embed_dim),
+            nn.LayerNorm(2 * cfg.embed_dim),
+            nn.ReLU(),
+            nn.Linear(2 * cfg.embed_dim, cfg.embed_dim),
+        )
+
+    def forward(self, feats: Tensor, graph: NeighbourGraph) -> Tensor:
+        x = self.input(feats)
+        outs = []
+        for layer in self.layers:
+            x = layer(x, graph)
+            outs.append(x)
+        local = torch.cat(outs, dim=-1)
+        glob = self.global_proj(local).amax(dim=1, keepdim=True).expand(-1, local.shape[1], -1)
+        return self.head(torch.cat([local, glob], dim=-1))
+
+
+class RegistrationNet(nn.Module):
+    """Pixels and prototype points in one L2-normalised embedding space, plus part segmentation."""
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or ModelConfig()
+        self.image_encoder = ImageEncoder(self.config)
+        self.point_encoder = PointEncoder(self.config)
+        self.log_temperature = nn.Parameter(torch.tensor(float(self.config.temperature_init)).log())
+        self._knn_cache: OrderedDict[tuple, NeighbourGraph] = OrderedDict()
+
+    @property
+    def stride(self) -> int:
+        return 4
+
+    @property
+    def temperature(self) -> Tensor:
+        """Softmax temperature of the cosine similarities (learnable, clamped to [0.01, 1])."""
+        return self.log_temperature.exp().clamp(0.01, 1.0)
+
+    def encode_image(self, images: Tensor) -> ImageFeatures:
+        """images (B,3,H,W) float in [0,1] -> ImageFeatures at stride 4."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"encode_image: expected (B,3,H,W) images, got {tuple(images.shape)}")
+        emb, seg = self.image_encoder(images)
+        return ImageFeatures(F.normalize(emb.float(), dim=1), seg.float(), self.stride)
+
+    def neighbours(self, points: Tensor) -> NeighbourGraph:
+        """The cached kNN graph of this point-set topology (computed once on the first set)."""
+        ref = points[0].detach().to("cpu", torch.float32)
+        key = (ref.shape[0], self.config.knn, hashlib.sha1(ref.half().numpy().tobytes()).hexdigest())
+        graph = self._knn_cache.get(key)
+        if graph is None:
+            graph = NeighbourGraph(knn_graph(ref, self.config.knn))
+            self._knn_cache[key] = graph
+            while len(self._knn_cache) > 16:
+                self._knn_cache.popitem(last=False)
+        return graph.to(points.device)
+
+    def point_features(self, points: Tensor, normals: Tensor | None, albedo: Tensor | None) -> Tensor:
+        feats = [points]
+        if self.config.use_normals:
+            feats.append(normals if normals is not None else torch.zeros_like(points))
+        if self.config.use_albedo:
+            feats.append(albedo if albedo is not None else torch.full_like(points, 0.5))
+        return torch.cat(feats, dim=-1)
+
+    def encode_points(
+        self,
+        points: Tensor,
+        normals: Tensor | None = None,
+        albedo: Tensor | None = None,
+        neighbours: Tensor | NeighbourGraph | None = None,
+    ) -> Tensor:
+        """points (P,N,3) [normals, albedo (P,N,3)] -> (P,N,D) L2-normalised point embeddings.
+
+        All P sets must share one sampling (point i = same anatomical place); `neighbours` ((N,k) indices
+        or a NeighbourGraph) may be passed to reuse a graph, otherwise the kNN graph of points[0] is computed
+        once and cached (keyed by its content).
+        """
+        if points.dim() != 3 or points.shape[-1] != 3:
+            raise ValueError(f"encode_points: expected (P,N,3) points, got {tuple(points.shape)}")
+        if neighbours is None:
+            graph = self.neighbours(points)
+        elif isinstance(neighbours, NeighbourGraph):
+            graph = neighbours.to(points.device)
+        else:
+            graph = NeighbourGraph(neighbours.cpu()).to(points.device)
+        emb = self.point_encoder(self.point_features(points.float(), normals, albedo), graph)
+        return F.normalize(emb.float(), dim=-1)
+
+    def forward(
+        self,
+        images: Tensor,
+        points: Tensor,
+        normals: Tensor | None = None,
+        albedo: Tensor | None = None,
+        neighbours: Tensor | NeighbourGraph | None = None,
+    ) -> tuple[ImageFeatures, Tensor]:
+        """Both branches in one call (what DDP wraps)."""
+        return self.encode_image(images), self.encode_points(points, normals, albedo, neighbours)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
