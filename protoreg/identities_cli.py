@@ -49,6 +49,31 @@ SIDE = View(
 )  # from the right, facing right
 
 
+def _covered_pixels(
+    tri_x: np.ndarray, tri_y: np.ndarray, size: tuple[int, int], span: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pixel, triangle, barycentric) for pixel centres inside each triangle (each fits a span x span box)."""
+    h, w = size
+    x0 = np.floor(tri_x.min(axis=1)).astype(np.int64)
+    y0 = np.floor(tri_y.min(axis=1)).astype(np.int64)
+    gx, gy = np.meshgrid(np.arange(span), np.arange(span))
+    px = x0[:, None] + gx.reshape(1, -1)  # (F, S*S) candidate pixel columns
+    py = y0[:, None] + gy.reshape(1, -1)
+    cx, cy = px + 0.5, py + 0.5
+    ax, ay = tri_x[:, 0:1], tri_y[:, 0:1]
+    bx, by = tri_x[:, 1:2], tri_y[:, 1:2]
+    qx, qy = tri_x[:, 2:3], tri_y[:, 2:3]
+    den = (by - qy) * (ax - qx) + (qx - bx) * (ay - qy)
+    den = np.where(np.abs(den) < 1e-12, 1e-12, den)
+    l0 = ((by - qy) * (cx - qx) + (qx - bx) * (cy - qy)) / den
+    l1 = ((qy - ay) * (cx - qx) + (ax - qx) * (cy - qy)) / den
+    l2 = 1.0 - l0 - l1
+    inside = (l0 >= -1e-6) & (l1 >= -1e-6) & (l2 >= -1e-6) & (px >= 0) & (px < w) & (py >= 0) & (py < h)
+    fi, ci = np.nonzero(inside)
+    bary = np.stack([l0[fi, ci], l1[fi, ci], l2[fi, ci]], axis=1)
+    return py[fi, ci] * w + px[fi, ci], fi, bary
+
+
 def rasterize(
     vertices: np.ndarray,
     faces: np.ndarray,
@@ -69,26 +94,18 @@ def rasterize(
     y = (origin[1] - vertices @ view.up) * ppm
     depth = vertices @ view.toward
     tri_x, tri_y = x[faces], y[faces]
-    x0 = np.floor(tri_x.min(axis=1)).astype(np.int64)
-    y0 = np.floor(tri_y.min(axis=1)).astype(np.int64)
-    span = int(min(32, max(1, np.ceil(max((tri_x.max(1) - x0).max(), (tri_y.max(1) - y0).max())) + 1)))
-    gx, gy = np.meshgrid(np.arange(span), np.arange(span))
-    px = x0[:, None] + gx.reshape(1, -1)  # (F, S*S) candidate pixel columns
-    py = y0[:, None] + gy.reshape(1, -1)
-    cx, cy = px + 0.5, py + 0.5
-    ax, ay = tri_x[:, 0:1], tri_y[:, 0:1]
-    bx, by = tri_x[:, 1:2], tri_y[:, 1:2]
-    qx, qy = tri_x[:, 2:3], tri_y[:, 2:3]
-    den = (by - qy) * (ax - qx) + (qx - bx) * (ay - qy)
-    den = np.where(np.abs(den) < 1e-12, 1e-12, den)
-    l0 = ((by - qy) * (cx - qx) + (qx - bx) * (cy - qy)) / den
-    l1 = ((qy - ay) * (cx - qx) + (ax - qx) * (cy - qy)) / den
-    l2 = 1.0 - l0 - l1
-    inside = (l0 >= -1e-6) & (l1 >= -1e-6) & (l2 >= -1e-6) & (px >= 0) & (px < w) & (py >= 0) & (py < h)
-    fi, ci = np.nonzero(inside)
-    bary = np.stack([l0[fi, ci], l1[fi, ci], l2[fi, ci]], axis=1)
+    extent = np.maximum(np.ptp(tri_x, axis=1), np.ptp(tri_y, axis=1))
+    # Triangles grouped by on-screen size, so one big triangle does not inflate every triangle's pixel box.
+    spans = np.minimum(2 ** np.ceil(np.log2(np.maximum(extent, 1.0) + 2.0)), 64).astype(np.int64)
+    pix_l, fi_l, bary_l = [], [], []
+    for span in np.unique(spans):
+        group = np.flatnonzero(spans == span)
+        pix, fi, bary = _covered_pixels(tri_x[group], tri_y[group], size, int(span))
+        pix_l.append(pix)
+        fi_l.append(group[fi])
+        bary_l.append(bary)
+    pix, fi, bary = np.concatenate(pix_l), np.concatenate(fi_l), np.concatenate(bary_l)
     z = np.einsum("nk,nk->n", bary, depth[faces[fi]])
-    pix = py[fi, ci] * w + px[fi, ci]
     order = np.lexsort((-z, pix))  # nearest first within each pixel
     pix, fi, bary = pix[order], fi[order], bary[order]
     first = np.ones(len(pix), dtype=bool)
