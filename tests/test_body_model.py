@@ -322,3 +322,8 @@ def test_default_body_matches_smplx(default_body):
     ref_vertices, ref_joints = smplx_forward(arrays, betas, pose, transl, torch.float32)
     assert torch.allclose(ours.vertices, ref_vertices, atol=1e-5, rtol=0)
     assert torch.allclose(ours.joints, ref_joints, atol=1e-5, rtol=0)
+
+
+def test_outputs_are_contiguous(body):
+    out = body(*random_inputs(3, 10, seed=1))
+    assert out.vertices.is_contiguous() and out.joints.is_contiguous()

@@ -177,14 +177,22 @@ class BodyModel(torch.nn.Module):
         """Linear blend skinning of (B, V, 3) rest-pose vertices about (B, 24, 3) rest joints."""
         batch = vertices.shape[0]
         world_rot, world_pos = self._world_transforms(rotations, rest_joints)
-        # Skinning transform of joint j maps rest point x to R_j (x - J_j) + P_j.
+        # Skinning transform of joint j maps rest point x to R_j (x - J_j) + P_j. Blend the 12 numbers
+        # (columns of R_j, then the offset) over joints with one (V, 24) x (24, B*12) matrix product, then
+        # apply each vertex's blended transform elementwise (much faster than B*V tiny 3x3 products).
         offsets = world_pos - (world_rot @ rest_joints.unsqueeze(-1)).squeeze(-1)
-        per_joint = torch.cat([world_rot.reshape(batch, NUM_JOINTS, 9), offsets], dim=-1)  # (B, 24, 12)
-        blended = (self.lbs_weights @ per_joint).view(batch, self.num_vertices, 12)
-        blended_rot = blended[..., :9].view(batch, self.num_vertices, 3, 3)
-        posed = (blended_rot @ vertices.unsqueeze(-1)).squeeze(-1) + blended[..., 9:]
+        columns = world_rot.transpose(-1, -2).reshape(batch, NUM_JOINTS, 9)
+        per_joint = torch.cat([columns, offsets], dim=-1).permute(1, 0, 2).reshape(NUM_JOINTS, batch * 12)
+        blended = (self.lbs_weights @ per_joint).view(self.num_vertices, batch, 12)
+        rest = vertices.transpose(0, 1)  # (V, B, 3)
+        posed = (
+            blended[..., 0:3] * rest[..., 0:1]
+            + blended[..., 3:6] * rest[..., 1:2]
+            + blended[..., 6:9] * rest[..., 2:3]
+            + blended[..., 9:12]
+        ).transpose(0, 1)
         shift = transl[:, None, :]
-        return BodyOutput(vertices=posed + shift, joints=world_pos + shift)
+        return BodyOutput(vertices=(posed + shift).contiguous(), joints=world_pos + shift)
 
     def pose_mesh(self, rest_vertices, pose=None, transl=None, pose_correctives: bool = True) -> BodyOutput:
         """Pose any rest-pose mesh in this body's topology (B, V, 3), e.g. an enrolled scan fitted to it.

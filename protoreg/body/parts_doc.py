@@ -68,7 +68,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def render_parts_picture(body, out: Path) -> None:
-    """Front and back orthographic views of the body at rest, faces coloured by vertex part."""
+    """Front, side and back orthographic views of the body at rest, faces coloured by vertex part."""
     import io
 
     import matplotlib
@@ -88,21 +88,30 @@ def render_parts_picture(body, out: Path) -> None:
     corners = vertices[faces]
     normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
     normals /= np.linalg.norm(normals, axis=1, keepdims=True) + 1e-12
-    fig, axes = plt.subplots(1, 2, figsize=(8, 6.4))
-    for ax, (title, sign) in zip(axes, (("front (+z)", 1.0), ("back (-z)", -1.0)), strict=True):
-        depth = sign * vertices[faces, 2].mean(1)
-        order = np.argsort(depth)  # painter's algorithm: far faces first
-        xy = vertices[faces][:, :, :2] * np.array([sign, 1.0])
-        shade = 0.55 + 0.45 * np.clip(sign * normals[:, 2], 0, 1)
+    # (title, screen-x axis and sign, viewing direction towards the viewer): orthographic views, y up.
+    views = (
+        ("front (from +z)", 0, 1.0, 2, 1.0),
+        ("left side (from +x)", 2, -1.0, 0, 1.0),
+        ("back (from -z)", 0, -1.0, 2, -1.0),
+    )
+    widths = [np.ptp(vertices[:, axis]) + 0.1 for _, axis, _, _, _ in views]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 5.6), gridspec_kw={"width_ratios": widths})
+    for ax, (title, axis, sign, depth_axis, towards) in zip(axes, views, strict=True):
+        order = np.argsort(towards * corners[:, :, depth_axis].mean(1))  # painter: far faces first
+        xy = np.stack([sign * corners[:, :, axis], corners[:, :, 1]], axis=-1)
+        shade = 0.55 + 0.45 * np.clip(towards * normals[:, depth_axis], 0, 1)
         colors = PART_COLORS[face_label].astype(np.float64) / 255.0 * shade[:, None]
-        ax.add_collection(PolyCollection(xy[order], facecolors=colors[order], edgecolors="none"))
-        ax.set_xlim(vertices[:, 0].min() - 0.05, vertices[:, 0].max() + 0.05)
+        ax.add_collection(
+            PolyCollection(xy[order], facecolors=colors[order], edgecolors=colors[order], linewidths=0.15)
+        )
+        ax.set_xlim(xy[..., 0].min() - 0.05, xy[..., 0].max() + 0.05)
         ax.set_ylim(vertices[:, 1].min() - 0.05, vertices[:, 1].max() + 0.05)
         ax.set_aspect("equal")
         ax.set_axis_off()
         ax.set_title(title, fontsize=10)
     handles = [Patch(facecolor=PART_COLORS[p] / 255.0, label=part_name(p)) for p in BODY_PART_IDS]
-    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncol=7, fontsize=8, frameon=False)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.9, bottom=0.12, wspace=0.02)
     fig.suptitle(f"{body.path.name}: 14 parts from skinning weights", fontsize=11)
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=110, format="png", facecolor="white")
