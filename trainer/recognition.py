@@ -225,6 +225,7 @@ class Gallery:
     part_counts: np.ndarray  # (I, 14) int64
     attrs: dict[str, Any] = field(default_factory=dict)
     _rows: dict[str, np.ndarray] | None = None  # fully loaded arrays (in-memory galleries)
+    _maps: dict[str, np.ndarray] | None = None  # memory maps of the on-disk arrays (lazy galleries)
 
     @property
     def size(self) -> int:
@@ -254,21 +255,29 @@ class Gallery:
         names = tuple(names)
         if self._rows is not None:
             return {k: self._rows[k][index] for k in names}
-        import h5py
-
-        order = np.argsort(index, kind="stable")
-        sorted_idx = np.asarray(index)[order]
-        uniq, inverse = np.unique(sorted_idx, return_inverse=True)
-        out = {}
-        with h5py.File(self.path, "r") as f:
-            for k in names:
-                data = f[k][uniq.tolist()] if len(uniq) else np.zeros((0,) + f[k].shape[1:], f[k].dtype)
-                back = np.empty_like(data[inverse])
-                back[order] = data[inverse]
-                out[k] = back
+        maps = self._memmaps()
+        out = {k: np.asarray(maps[k][index]) for k in names}
         if "embeddings" in out:
             out["embeddings"] = out["embeddings"].astype(np.float32)
         return out
+
+    def _memmaps(self) -> dict[str, np.ndarray]:
+        """Read-only memory maps of the per-identity arrays: contiguous HDF5 datasets sit at fixed file
+        offsets, so reading the few shortlisted rows costs a page-cache lookup, not an HDF5 selection."""
+        if self._maps is None:
+            import h5py
+
+            maps = {}
+            with h5py.File(self.path, "r") as f:
+                for k in ("embeddings", "parts", "points", "vertex_ids"):
+                    d = f[k]
+                    offset = d.id.get_offset()
+                    if offset is None or d.chunks is not None:  # not contiguous: load it whole
+                        maps[k] = d[()]
+                    else:
+                        maps[k] = np.memmap(self.path, dtype=d.dtype, mode="r", offset=offset, shape=d.shape)
+            self._maps = maps
+        return self._maps
 
     def identity(self, row: int) -> GalleryIdentity:
         r = self.rows([row], ("embeddings", "parts", "points", "vertex_ids"))
@@ -324,10 +333,10 @@ def write_gallery(
             None,
         ),
         ("identity_ids", np.array([g.identity_id for g in identities], dtype=np.int64), None),
-        ("embeddings", emb, (1, n, d)),
-        ("parts", np.stack([g.parts for g in identities]).astype(np.uint8), (1, n)),
-        ("points", np.stack([g.points for g in identities]).astype(np.float32), (1, n, 3)),
-        ("vertex_ids", np.stack([g.vertex_ids for g in identities]).astype(np.int32), (1, n)),
+        ("embeddings", emb, None),  # contiguous (not chunked): memory-mapped by Gallery.rows
+        ("parts", np.stack([g.parts for g in identities]).astype(np.uint8), None),
+        ("points", np.stack([g.points for g in identities]).astype(np.float32), None),
+        ("vertex_ids", np.stack([g.vertex_ids for g in identities]).astype(np.int32), None),
         ("part_descriptors", np.stack([dc[0] for dc in desc_counts]).astype(np.float32), None),
         ("part_counts", np.stack([dc[1] for dc in desc_counts]).astype(np.int64), None),
     ]
