@@ -251,5 +251,13 @@ def _render_with_progress(job: GenJob, todo: list[ShardPlan], workers: int, prog
     total = sum(p.count for p in todo)
     if not todo:
         return []
-    with tqdm(total=total, unit="img", desc="rendering", disable=not progress, smoothing=0.1) as bar:
-        return run_workers(job, todo, workers, on_sample=lambda _i: bar.update(1))
+    started: list[int] = []
+
+    def ready(_worker: int) -> None:
+        if not started:  # rate and ETA count from the first ready worker, not from Blender's start-up
+            bar.reset(total=total)
+            bar.set_description("rendering")
+        started.append(_worker)
+
+    with tqdm(total=total, unit="img", desc="starting workers", disable=not progress, smoothing=0.1) as bar:
+        return run_workers(job, todo, workers, on_sample=lambda _i: bar.update(1), on_ready=ready)

@@ -109,9 +109,24 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def _silence_stdout() -> None:
+    """Blender prints a line per render ("Saved: ...") to fd 1; it would tear the parent's progress bar.
+
+    Errors still reach stderr, and results travel through the queue.
+    """
+    try:
+        sys.stdout.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    except OSError:
+        pass
+
+
 def worker_main(worker_id: int, parent_pid: int, job: GenJob, tasks: Any, events: Any) -> None:
     """Spawned process entry: build the backend once, then write every shard taken from `tasks`."""
     _die_with_parent(parent_pid)
+    _silence_stdout()
     try:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         try:
@@ -162,6 +177,7 @@ def run_workers(
     workers: int,
     on_sample: Callable[[int], None] | None = None,
     on_shard: Callable[[ShardRecord], None] | None = None,
+    on_ready: Callable[[int], None] | None = None,
 ) -> list[ShardRecord]:
     """Render and write `plans` with `workers` spawned processes; returns the records in plan order."""
     import multiprocessing as mp
@@ -195,6 +211,8 @@ def run_workers(
                 continue
             if kind == "sample" and on_sample is not None:
                 on_sample(payload)
+            elif kind == "ready" and on_ready is not None:
+                on_ready(wid)
             elif kind == "shard":
                 record = ShardRecord.from_json(payload)
                 records[record.index] = record
