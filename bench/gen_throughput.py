@@ -1,0 +1,300 @@
+"""gen-shards throughput against the bare-Cycles floor, bytes per sample, and worker memory over a long run.
+
+In one run:
+1. the render-only floor: ONE process, 2 Cycles threads, the same renderer scene at the same resolution and
+   samples, rendered again and again with bpy.ops.render.render (no sampling, no passes read, no encoding);
+2. end to end: the real `gen-shards` command (default 128x256, 16 spp, 2 workers), timed from launch to
+   exit, with the resident memory (VmRSS) of each worker process sampled every few seconds;
+then writes its section of docs/benchmarks.md (between <!-- bench:gen_throughput --> markers).
+
+    .venv/bin/python bench/gen_throughput.py --n 2000          # the documented run (about 5 minutes)
+    .venv/bin/python bench/gen_throughput.py --n 100 --no-write  # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = "gen_throughput"
+BENCHMARKS = ROOT / "docs" / "benchmarks.md"
+POLL_S = 2.0
+
+
+# ----------------------------------------------------------------------------------------------- floor
+
+
+def floor_main(args: argparse.Namespace) -> None:
+    """Child process: bare Cycles on the renderer's scene, 2 threads (prints one JSON line)."""
+    import bpy
+
+    from generator.config import GenConfig
+    from generator.render import BlenderRenderer
+    from generator.sample import GenContext, describe_sample
+    from protoreg.body import load_body_model
+    from protoreg.identities import resolve_identities
+
+    config = GenConfig()
+    config.render.width, config.render.height = args.width, args.height
+    config.render.samples = args.samples
+    config.render.threads_per_worker = 2
+    body = load_body_model(args.body_model)
+    identities = resolve_identities("4", 0, body)
+    ctx = GenContext(config=config, seed=0, identities=identities, body=body)
+    renderer = BlenderRenderer(config.render, body, None)
+    specs = [describe_sample(i, ctx) for i in range(args.specs)]
+    t = time.perf_counter()
+    for (
+        spec
+    ) in specs:  # the renderer path: scene update + render + EXR read + labels/vid (no sampling/encode)
+        renderer.render(spec)
+    renderer_path = (time.perf_counter() - t) / len(specs)
+    timings = []
+    for _ in range(args.frames):  # the floor: the last spec's scene, rendered again and again
+        t = time.perf_counter()
+        bpy.ops.render.render(write_still=False)
+        timings.append(time.perf_counter() - t)
+    timings.sort()
+    print(
+        json.dumps(
+            {
+                "floor_s_per_image": sum(timings) / len(timings),
+                "floor_median_s": timings[len(timings) // 2],
+                "renderer_path_s_per_image": renderer_path,
+                "frames": len(timings),
+            }
+        )
+    )
+
+
+def run_floor(args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--_floor", "--frames", str(args.floor_frames)]
+    cmd += ["--resolution", f"{args.width}x{args.height}", "--samples", str(args.samples)]
+    if args.body_model:
+        cmd += ["--body-model", args.body_model]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise SystemExit(f"floor run failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            kids.append(int(entry.name))
+    return kids
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def is_worker(pid: int) -> bool:
+    try:
+        return b"multiprocessing" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def run_end_to_end(args: argparse.Namespace, out: Path) -> dict:
+    shard_size = min(1000, math.ceil(args.n / args.workers))  # every worker gets a shard
+    cmd = [
+        sys.executable, "-c", "from generator.cli import gen_shards; gen_shards()",
+        "--identities", "8", "--n", str(args.n), "--out", str(out), "--workers", str(args.workers),
+        "--resolution", f"{args.width}x{args.height}", "--samples", str(args.samples),
+        "--shard-size", str(shard_size), "--quiet",
+    ]  # fmt: skip
+    if args.body_model:
+        cmd += ["--body-model", args.body_model]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    series: dict[int, list[tuple[float, float]]] = {}
+    while proc.poll() is None:
+        for pid in children(proc.pid):
+            if is_worker(pid):
+                mb = rss_mb(pid)
+                if mb is not None:
+                    series.setdefault(pid, []).append((time.perf_counter() - start, mb))
+        time.sleep(POLL_S)
+    wall = time.perf_counter() - start
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"gen-shards failed ({proc.returncode}):\n{stderr[-3000:]}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {
+        "wall_s": wall,
+        "images_per_s": args.n / wall,
+        "bytes_per_sample": manifest["totals"]["bytes"] / manifest["totals"]["samples"],
+        "shard_size": shard_size,
+        "rss": summarise_rss(series, wall),
+        "summary": stdout.strip().splitlines()[-1] if stdout.strip() else "",
+    }
+
+
+def summarise_rss(series: dict[int, list[tuple[float, float]]], wall: float) -> list[dict]:
+    """Per worker: RSS once warmed up (first sample after 10% of the run), at the end, and the peak."""
+    out = []
+    for pid, points in sorted(series.items()):
+        warm = [mb for t, mb in points if t >= 0.1 * wall] or [points[-1][1]]
+        end = [mb for t, mb in points if t >= 0.9 * wall] or [points[-1][1]]
+        out.append(
+            {
+                "pid": pid,
+                "samples": len(points),
+                "warm_mb": warm[0],
+                "end_mb": max(end),
+                "peak_mb": max(mb for _, mb in points),
+                "growth_mb": max(end) - warm[0],
+            }
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    system = f"Linux {platform.release()}, Python {platform.python_version()}"
+    return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {system}"
+
+
+def section_text(args: argparse.Namespace, floor: dict, e2e: dict, load: tuple[float, float]) -> str:
+    floor_ips = 1.0 / floor["floor_s_per_image"]
+    ratio = e2e["images_per_s"] / floor_ips
+    growth = max((r["growth_mb"] for r in e2e["rss"]), default=float("nan"))
+    lines = [
+        f"<!-- bench:{SECTION} -->",
+        "## gen-shards throughput (`bench/gen_throughput.py`)",
+        "",
+        f"Machine: {machine()}. Load average before the run: {load[0]:.2f} (1 min), {load[1]:.2f} (5 min).",
+        f"Run: `bench/gen_throughput.py --n {args.n}`; {args.width}x{args.height}, "
+        f"{args.samples} Cycles samples, "
+        f"{args.workers} worker processes x 1 Cycles thread, shards of {e2e['shard_size']}, 8 identities.",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        "| render-only floor: bare Cycles, 1 process x 2 threads, same scene re-rendered "
+        f"({floor['frames']} frames) "
+        f"| {floor_ips:.2f} images/s ({1000 * floor['floor_s_per_image']:.0f} ms/image) |",
+        f"| renderer path in that process (scene update + render + EXR read + labels/vid) "
+        f"| {1.0 / floor['renderer_path_s_per_image']:.2f} images/s |",
+        f"| end to end: `gen-shards --n {args.n}` launch to exit (start-up, sampling, render, encode, write, "
+        f"manifest) | {e2e['images_per_s']:.2f} images/s ({e2e['wall_s']:.0f} s) |",
+        f"| ratio end-to-end / floor (target >= 0.85) | {ratio:.2f} |",
+        "| bytes per sample (rgb.jpg + parts.png + vid.png + json, tar headers) "
+        f"| {e2e['bytes_per_sample'] / 1e3:.1f} kB |",
+        "| worker RSS growth over the run, warmed-up -> end, worst worker (target < 50 MB) "
+        f"| {growth:+.1f} MB |",
+        "",
+        "Worker memory (VmRSS sampled every 2 s):",
+        "",
+        "| worker | warmed up | end | peak |",
+        "|---|---|---|---|",
+    ]
+    for k, r in enumerate(e2e["rss"]):
+        lines.append(f"| {k} | {r['warm_mb']:.0f} MB | {r['end_mb']:.0f} MB | {r['peak_mb']:.0f} MB |")
+    lines += ["", f"gen-shards summary: `{e2e['summary']}`", f"<!-- /bench:{SECTION} -->"]
+    return "\n".join(lines)
+
+
+def write_section(text: str, path: Path = BENCHMARKS) -> None:
+    current = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"<!-- bench:{SECTION} -->.*?<!-- /bench:{SECTION} -->", re.S)
+    new = (
+        pattern.sub(lambda _m: text, current)
+        if pattern.search(current)
+        else current.rstrip() + "\n\n" + text + "\n"
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(new)
+    tmp.replace(path)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=2000, help="samples in the end-to-end run")
+    p.add_argument("--workers", type=int, default=2, help="gen-shards worker processes")
+    p.add_argument("--resolution", default="128x256", help="WIDTHxHEIGHT")
+    p.add_argument("--samples", type=int, default=16, help="Cycles samples per pixel")
+    p.add_argument(
+        "--floor-frames", dest="floor_frames", type=int, default=60, help="frames of the floor run"
+    )
+    p.add_argument("--frames", type=int, default=60, help=argparse.SUPPRESS)
+    p.add_argument("--specs", type=int, default=6, help=argparse.SUPPRESS)
+    p.add_argument("--body-model", default=None, help="body model file [default: the embedded default body]")
+    p.add_argument(
+        "--no-write", action="store_true", help="print the section instead of writing docs/benchmarks.md"
+    )
+    p.add_argument("--keep", action="store_true", help="keep the generated dataset (printed path)")
+    p.add_argument("--_floor", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.width, args.height = (int(v) for v in args.resolution.lower().split("x"))
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args._floor:
+        floor_main(args)
+        return
+    load = os.getloadavg()[:2]
+    print(f"floor: bare Cycles, {args.floor_frames} frames ...", flush=True)
+    floor = run_floor(args)
+    print(f"  {1.0 / floor['floor_s_per_image']:.2f} images/s", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="gen_throughput-"))
+    try:
+        print(f"end to end: gen-shards --n {args.n} --workers {args.workers} ...", flush=True)
+        e2e = run_end_to_end(args, tmp / "dataset")
+        print(f"  {e2e['images_per_s']:.2f} images/s", flush=True)
+    finally:
+        if args.keep:
+            print(f"dataset kept in {tmp / 'dataset'}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    text = section_text(args, floor, e2e, load)
+    print(text)
+    if not args.no_write:
+        write_section(text)
+        print(f"wrote section '{SECTION}' of {BENCHMARKS}")
+
+
+if __name__ == "__main__":
+    main()
