@@ -134,6 +134,7 @@ def write_section(rows: list[tuple[str, int, float]], threads: int) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".benchmarks.", dir=BENCHMARKS.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
     os.replace(tmp, BENCHMARKS)
 
 

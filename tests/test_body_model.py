@@ -327,3 +327,9 @@ def test_default_body_matches_smplx(default_body):
 def test_outputs_are_contiguous(body):
     out = body(*random_inputs(3, 10, seed=1))
     assert out.vertices.is_contiguous() and out.joints.is_contiguous()
+
+
+def test_numpy_and_list_inputs_are_accepted(body):
+    betas, pose, transl = random_inputs(2, 10, seed=4)
+    reference = body(betas, pose, transl).vertices
+    assert torch.allclose(body(betas.numpy(), pose.numpy(), transl.tolist()).vertices, reference)

@@ -123,8 +123,8 @@ class BodyModel(torch.nn.Module):
     def _batch_size(*values) -> int:
         for value in values:
             if value is not None:
-                shape = tuple(value.shape)
-                return 1 if len(shape) == 1 else int(shape[0])
+                shape = tuple(value.shape) if hasattr(value, "shape") else np.shape(value)
+                return 1 if len(shape) <= 1 else int(shape[0])
         return 1
 
     def _padded_betas(self, betas, batch: int) -> torch.Tensor:
