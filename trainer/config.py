@@ -106,6 +106,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 200
     val_every: int = 0  # 0 = validate only at the end (when --val is given)
+    val_threshold: float = 0.5  # cosine similarity a correspondence needs to count as confident
     threads: int = 0  # torch intra-op threads in the main process (0 = leave torch's default)
 
 

@@ -1,0 +1,197 @@
+"""The trainer's data stream: determinism across worker counts, exact resume, safe decoding, skip counting."""
+
+from __future__ import annotations
+
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.train_fakes import write_fake_dataset
+from trainer.augment import augment_sample, crop_box, resize_labels
+from trainer.config import AugmentConfig
+from trainer.data import (
+    DataSpecError,
+    ShardStream,
+    iterate_samples,
+    load_prototype_bank,
+    make_loader,
+    point_subset,
+    rank_shards,
+    resolve_spec,
+)
+
+
+@pytest.fixture(scope="module")
+def fake_ds(tmp_path_factory) -> Path:
+    return write_fake_dataset(tmp_path_factory.mktemp("fake") / "ds", n_samples=24, shard_size=6)
+
+
+def take(stream: ShardStream, n: int, workers: int) -> list[dict]:
+    out = []
+    for b in make_loader(stream, workers):
+        out.append(b)
+        if len(out) == n:
+            return out
+    return out
+
+
+def stream(ds: Path, **kw) -> ShardStream:
+    src = resolve_spec(str(ds))
+    args = dict(batch_size=4, image_hw=(64, 32), seed=3, shuffle_buffer=8, augment=AugmentConfig())
+    args.update(kw)
+    return ShardStream(src.urls, **args)
+
+
+def test_spec_forms_resolve_to_the_same_shards(fake_ds):
+    folder = resolve_spec(str(fake_ds))
+    assert [Path(u).name for u in folder.urls] == [f"shard-{i:06d}.tar" for i in range(4)]
+    assert folder.prototypes == str(fake_ds / "prototypes.h5")
+    brace = resolve_spec(str(fake_ds / "shard-{000000..000003}.tar"))
+    assert brace.urls == folder.urls and brace.prototypes == folder.prototypes
+    with pytest.raises(DataSpecError, match="shard-000008.tar not found"):
+        resolve_spec(str(fake_ds / "shard-{000008..000009}.tar"))
+    with pytest.raises(DataSpecError, match="no manifest.json"):
+        resolve_spec(str(fake_ds.parent))
+
+
+def test_batches_identical_for_any_worker_count_and_resume_position(fake_ds):
+    one = take(stream(fake_ds), 6, workers=0)
+    two = take(stream(fake_ds), 6, workers=2)
+    assert [b["batch_index"] for b in two] == list(range(6))
+    for a, b in zip(one, two, strict=True):
+        assert a["keys"] == b["keys"]
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["parts"], b["parts"])
+    # the shuffle buffer mixes across epochs: 24 draws cover most of the 24 samples
+    keys = [k for b in one for k in b["keys"]]
+    assert len(keys) == 24 and len(set(keys)) >= 18
+    resumed = take(stream(fake_ds, start_batch=4), 2, workers=2)
+    assert [b["batch_index"] for b in resumed] == [4, 5]
+    for a, b in zip(one[4:], resumed, strict=True):
+        assert torch.equal(a["images"], b["images"]) and a["keys"] == b["keys"]
+
+
+def test_batch_tensors_have_the_documented_types(fake_ds):
+    b = take(stream(fake_ds), 1, workers=0)[0]
+    assert b["images"].shape == (4, 3, 64, 32) and b["images"].dtype == torch.float32
+    assert 0 <= float(b["images"].min()) and float(b["images"].max()) <= 1
+    assert b["parts"].shape == (4, 64, 32) and b["parts"].dtype == torch.long
+    assert b["vid"].dtype == torch.long and b["valid"].dtype == torch.bool
+    assert int(b["parts"].max()) <= 15 and b["identity"].tolist() == [int(k) % 3 for k in b["keys"]]
+
+
+def test_ranks_get_disjoint_shards():
+    urls = [f"s{i}.tar" for i in range(7)]
+    shares = [rank_shards(urls, 5, r, 3) for r in range(3)]
+    assert sorted(u for s in shares for u in s) == sorted(urls)
+    assert all(not set(a) & set(b) for i, a in enumerate(shares) for b in shares[i + 1 :])
+    with pytest.raises(DataSpecError, match="2 shard\\(s\\) for 3 ranks"):
+        rank_shards(urls[:2], 5, 0, 3)
+
+
+class Boom:
+    """Unpickling this would create a marker file: proof that a shard entry was unpickled."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickle_entries_are_never_unpickled(tmp_path):
+    marker = tmp_path / "UNPICKLED"
+    payload = pickle.dumps(Boom(str(marker)))
+    assert not marker.exists()
+    extra = {i: {"pyd": payload, "pkl": payload, "pickle": payload} for i in range(6)}
+    ds = write_fake_dataset(tmp_path / "ds", n_samples=6, shard_size=6, extra_entries=extra)
+    with tarfile.open(ds / "shard-000000.tar") as tf:
+        assert any(n.endswith(".pyd") for n in tf.getnames())
+    batches = take(stream(ds, batch_size=3, shuffle_buffer=1), 2, workers=0)
+    samples = list(iterate_samples(resolve_spec(str(ds)).urls))
+    assert len(samples) == 6 and all("pyd" not in s and "pkl" not in s for s in samples)
+    assert sum(len(b["keys"]) for b in batches) == 6 and all(b["skipped"] == 0 for b in batches)
+    assert not marker.exists()
+
+
+def test_truncated_shard_and_corrupt_sample_are_skipped_and_counted(tmp_path):
+    ds = write_fake_dataset(tmp_path / "ds", n_samples=12, shard_size=6)
+    shard = ds / "shard-000001.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # truncated mid-shard
+    src = resolve_spec(str(ds))
+    batches = take(ShardStream(src.urls, 4, (64, 32), seed=0, shuffle_buffer=1), 6, workers=0)
+    keys = [k for b in batches for k in b["keys"]]
+    skipped = sum(b["skipped"] for b in batches)
+    assert skipped >= 1
+    assert set(keys) >= {f"{i:09d}" for i in range(6)}  # the intact shard is read completely
+    assert len(set(keys)) < 12  # samples behind the truncation are gone, not invented
+
+
+def test_corrupt_jpeg_is_skipped_and_counted(tmp_path):
+    bad = {2: {"rgb.jpg": b"\xff\xd8 this is not a jpeg"}}
+    ds = write_fake_dataset(tmp_path / "ds", n_samples=6, shard_size=6, extra_entries=bad)
+    src = resolve_spec(str(ds))
+    batches = take(ShardStream(src.urls, 3, (64, 32), seed=0, shuffle_buffer=1), 2, workers=0)
+    keys = [k for b in batches for k in b["keys"]]
+    assert "000000002" not in keys and len(keys) == 5
+    assert sum(b["skipped"] for b in batches) == 1
+
+
+def test_prototype_bank_and_fixed_point_subset(fake_ds):
+    bank = load_prototype_bank(fake_ds / "prototypes.h5", max_points=200)
+    assert bank.points.shape == (3, 200, 3) and bank.parts.shape == (200,)
+    assert bank.ids.tolist() == [0, 1, 2] and bank.rows(torch.tensor([2, 0])).tolist() == [2, 0]
+    assert set(bank.parts.tolist()) <= set(range(1, 15))
+    assert point_subset(448, 200).tolist() == point_subset(448, 200).tolist()
+    assert len(set(point_subset(448, 200).tolist())) == 200
+    assert point_subset(100, 200).tolist() == list(range(100))
+
+
+def test_crop_moves_labels_with_pixels():
+    rng = np.random.default_rng(0)
+    h, w = 64, 32
+    parts = (np.arange(h)[:, None] // 8 * 2 + np.arange(w)[None] // 16).astype(np.uint8)  # 8x2 blocks
+    rgb = np.repeat((parts * 15)[..., None], 3, axis=2).astype(np.uint8)
+    vid = parts.astype(np.int32) + 1
+    cfg = AugmentConfig(jpeg_p=0, erase_p=0)
+    out_rgb, out_parts, out_vid, valid, _ = augment_sample(rng, rgb, parts, vid, (32, 16), cfg)
+    assert out_rgb.shape == (32, 16, 3) and valid.all()
+    assert np.array_equal(out_vid, out_parts.astype(np.int32) + 1)
+    # away from block borders the bilinear RGB agrees with the nearest-neighbour labels
+    agree = np.abs(out_rgb[..., 0].astype(int) - out_parts.astype(int) * 15) <= 2
+    assert agree.mean() > 0.7
+    box = crop_box(rng, (h, w), (32, 16), None)
+    assert box == (0.0, 0.0, 32.0, 64.0)
+    assert np.array_equal(resize_labels(parts, box, (64, 32)), parts)
+
+
+def test_erased_pixels_keep_labels_but_are_invalid():
+    rng = np.random.default_rng(1)
+    parts = np.full((64, 32), 2, np.uint8)
+    rgb = np.full((64, 32, 3), 128, np.uint8)
+    cfg = AugmentConfig(erase_p=1.0, jpeg_p=0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    _, out_parts, _, valid, _ = augment_sample(rng, rgb, parts, parts.astype(np.int32), (64, 32), cfg)
+    assert (~valid).sum() > 0 and (out_parts == 2).all()
+
+
+def test_photometric_is_vectorised_and_bounded():
+    from trainer.augment import PhotoParams, photometric
+
+    x = torch.rand(3, 3, 16, 8)
+    same = photometric(x.clone(), [PhotoParams()] * 3)
+    assert torch.equal(same, x)
+    p = [
+        PhotoParams(brightness=1.3, blur_sigma=1.0, noise_std=0.05, noise_seed=7),
+        PhotoParams(),
+        PhotoParams(gray=True),
+    ]
+    y = photometric(x.clone(), p)
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+    assert torch.allclose(y[1], x[1], atol=1e-5)  # identity params leave a sample unchanged
+    g = y[2]
+    assert torch.allclose(g[0], g[1], atol=1e-5) and torch.allclose(g[1], g[2], atol=1e-5)
+    assert torch.equal(photometric(x.clone(), p), y)  # seeded noise: reproducible

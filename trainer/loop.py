@@ -1,0 +1,423 @@
+"""The training loop: AdamW, warm-up + cosine, clipping, bf16 autocast on CUDA, DDP via torchrun,
+atomic checkpoints with exact resume, metrics.csv + TensorBoard + curves.png, validation.
+
+Exact resume: the data stream is a pure function of (shards, seed, rank, world, batch size) and
+batch b is what step b+1 trains on (see trainer.data), the pixel sampling of step s is seeded by
+(seed, rank, s), and the checkpoint holds model, optimiser, scheduler and RNG states. So a run of 2N
+steps equals N steps + --resume + N steps (deterministic CPU mode).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from trainer.checkpoint import (
+    LAST_NAME,
+    CheckpointError,
+    check_compatible,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+    unwrap,
+)
+from trainer.config import TrainConfig, save_config
+from trainer.data import (
+    PrototypeBank,
+    ShardStream,
+    attach_body_vertices,
+    load_prototype_bank,
+    make_loader,
+    resolve_spec,
+)
+from trainer.losses import registration_losses
+from trainer.models import RegistrationNet, count_parameters
+
+METRIC_FIELDS = [
+    "step",
+    "loss",
+    "contrast",
+    "dense",
+    "seg",
+    "lr",
+    "temperature",
+    "samples_per_s",
+    "skipped",
+    "val_miou",
+    "val_part_accuracy",
+    "val_vertex_error_m",
+    "val_rank1",
+]
+
+
+class TrainError(RuntimeError):
+    """A run cannot start or continue; the message is one line."""
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return DistInfo(
+        torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    )
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    import random
+
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine to min_ratio at `total` steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    t = min(1.0, (step - warmup) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def make_optimizer(model: RegistrationNet, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; norms, biases and the temperature get no weight decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name == "log_temperature" else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    total, warm, low = cfg.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, low))
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """The loss's pixel-sampling generator of one step: a function of the step, so resume replays it."""
+    return torch.Generator().manual_seed(
+        int(np.random.SeedSequence([seed, rank, step, 0x1055]).generate_state(1)[0])
+    )
+
+
+def batch_points(bank: PrototypeBank, identity: torch.Tensor, device: torch.device):
+    """The prototypes of the identities in a batch: unique rows, and each image's index among them."""
+    rows = bank.rows(identity)
+    uniq, inverse = torch.unique(rows, sorted=True, return_inverse=True)
+    return (
+        bank.points[uniq].to(device),
+        bank.normals[uniq].to(device),
+        bank.albedo[uniq].to(device),
+        inverse.to(device),
+    )
+
+
+class MetricsLog:
+    """RUN/metrics.csv (appending on resume, rows after the resume step dropped) + TensorBoard."""
+
+    def __init__(self, out: Path, resume_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = out / "metrics.csv"
+        self.tb = None
+        if not enabled:
+            return
+        rows = []
+        if resume_step > 0 and self.path.exists():
+            with open(self.path) as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        tmp = self.path.with_name("metrics.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except Exception:  # noqa: BLE001 - TensorBoard is a convenience, not a requirement
+            self.tb = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=METRIC_FIELDS).writerow({k: row.get(k, "") for k in METRIC_FIELDS})
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and v != "":
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_curves(metrics_csv: Path, out_png: Path) -> None:
+    """Loss terms, learning rate and validation figures against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_csv) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for key in ("loss", "contrast", "dense", "seg"):
+        axes[0].plot(*series(key), label=key)
+    axes[0].set_title("training losses")
+    axes[0].set_xlabel("step")
+    axes[0].legend()
+    axes[1].plot(*series("lr"), label="learning rate")
+    axes[1].set_title("learning rate")
+    axes[1].set_xlabel("step")
+    for key in ("val_miou", "val_part_accuracy", "val_rank1"):
+        xs, ys = series(key)
+        if xs:
+            axes[2].plot(xs, ys, marker="o", label=key)
+    axes[2].set_title("validation")
+    axes[2].set_xlabel("step")
+    if axes[2].lines:
+        axes[2].legend()
+    fig.tight_layout()
+    tmp = out_png.with_name(out_png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+
+
+def configure_determinism(cfg: TrainConfig, device: torch.device) -> None:
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic and device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or continue) training into folder `out`; returns a summary dict."""
+    out = Path(out)
+    dist = setup_distributed(cfg.device)
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError("--device cuda: no CUDA device available (use --device cpu)")
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    configure_determinism(cfg, device)
+    seed_everything(cfg.seed, dist.rank)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / LAST_NAME
+
+    state = None
+    if resume:
+        if not ckpt_path.exists():
+            raise TrainError(f"--resume: {ckpt_path} not found (nothing to resume)")
+        state = load_checkpoint(ckpt_path)
+        check_compatible(state, cfg, ckpt_path)
+    elif ckpt_path.exists():
+        raise TrainError(
+            f"{out}: holds a run already ({LAST_NAME}); pass --resume to continue or choose another --out"
+        )
+
+    source = resolve_spec(cfg.data.shards, cfg.data.prototypes)
+    if not source.prototypes:
+        raise TrainError(f"--shards {cfg.data.shards}: cannot tell where prototypes.h5 is; pass --prototypes")
+    bank = load_prototype_bank(source.prototypes, cfg.data.max_points, cache_dir=out / ".cache")
+    vt_info = attach_body_vertices(bank, source.manifest)
+    if dist.main:
+        save_config(cfg, out / "config.yaml")
+
+    model = RegistrationNet(cfg.model).to(device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    step = 0
+    skipped_total = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        step = int(state["step"])
+        skipped_total = int(state.get("extra", {}).get("skipped_total", 0))
+    if step >= cfg.steps:
+        if dist.main:
+            print(f"{out}: already at step {step} of {cfg.steps}; nothing to do")
+        return {"step": step, "skipped": skipped_total}
+
+    net: torch.nn.Module = model
+    if cfg.compile:
+        net = torch.compile(model)
+    if dist.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    stream = ShardStream(
+        source.urls,
+        cfg.data.batch_size,
+        tuple(cfg.model.image_size),
+        seed=cfg.seed,
+        rank=dist.rank,
+        world=dist.world,
+        start_batch=step,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        augment=cfg.augment,
+        shard_log_path=str(out / f"shards-rank{dist.rank}.tsv"),
+    )
+    loader = make_loader(stream, cfg.data.workers)
+    log = MetricsLog(out, step, dist.main)
+    val_source = resolve_spec(cfg.data.val, "") if cfg.data.val else None
+    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
+    if dist.main:
+        n_params = count_parameters(model)
+        print(
+            f"training {n_params / 1e6:.2f} M parameters on {device} x{dist.world}: steps {step}->{end}, "
+            f"{len(source.urls)} shards, {len(bank.names)} identities x {bank.num_points} points ({vt_info})"
+        )
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    )
+    bar = tqdm(total=end, initial=step, desc="train", unit="step", disable=not (progress and dist.main))
+    window_t, window_n = time.perf_counter(), 0
+    last_val: dict[str, float] = {}
+    net.train()
+    try:
+        for batch in loader:
+            skipped_total += int(batch["skipped"])
+            if batch["images"].shape[0] == 0:
+                step += 1  # every sample of this batch was corrupt: the step is spent, position kept
+                scheduler.step()
+                continue
+            images = batch["images"].to(device, non_blocking=True)
+            pts, nrm, alb, rows = batch_points(bank, batch["identity"], device)
+            with autocast:
+                feats, point_emb = net(images, pts, nrm, alb)
+            terms = registration_losses(
+                feats,
+                point_emb.float(),
+                pts,
+                bank.parts.to(device),
+                rows,
+                batch["parts"].to(device),
+                batch["vid"].to(device),
+                batch["valid"].to(device),
+                model.temperature,
+                cfg.loss,
+                step_generator(cfg.seed, dist.rank, step),
+                bank.vertex_to_point,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            window_n += images.shape[0]
+            bar.update(1)
+            if not math.isfinite(float(terms["loss"])):
+                raise TrainError(f"step {step}: loss is {float(terms['loss'])} (lower --lr?)")
+            do_val = val_source is not None and cfg.val_every > 0 and step % cfg.val_every == 0 and step < end
+            if step % cfg.log_every == 0 or step == end or do_val:
+                now = time.perf_counter()
+                row = {
+                    "step": step,
+                    **{k: round(float(terms[k]), 6) for k in ("loss", "contrast", "dense", "seg")},
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "temperature": round(float(model.temperature), 6),
+                    "samples_per_s": round(window_n * dist.world / max(now - window_t, 1e-9), 2),
+                    "skipped": skipped_total,
+                }
+                if do_val or (step == end and val_source is not None):
+                    last_val = run_validation(model, val_source, cfg, device, dist)
+                    row.update(last_val)
+                log.write(row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.0f}")
+                window_t, window_n = time.perf_counter(), 0
+            if step % cfg.ckpt_every == 0 or step == end:
+                save_ckpt(ckpt_path, model, cfg, step, optimizer, scheduler, skipped_total, dist)
+            if step >= end:
+                break
+    finally:
+        bar.close()
+        log.close()
+    if step < end:
+        raise TrainError(f"the data stream ended at step {step} before step {end}")
+    if dist.main and (out / "metrics.csv").exists():
+        plot_curves(out / "metrics.csv", out / "curves.png")
+    if dist.world > 1:
+        torch.distributed.barrier()
+    return {"step": step, "skipped": skipped_total, **last_val}
+
+
+def save_ckpt(path: Path, model, cfg, step, optimizer, scheduler, skipped_total: int, dist: DistInfo) -> None:  # noqa: ANN001
+    if dist.main:
+        save_checkpoint(
+            path, model, cfg, step, optimizer, scheduler, extra={"skipped_total": int(skipped_total)}
+        )
+    if dist.world > 1:
+        torch.distributed.barrier()
+
+
+def run_validation(
+    model: RegistrationNet, source, cfg: TrainConfig, device, dist: DistInfo
+) -> dict[str, float]:  # noqa: ANN001
+    """Validation on rank 0 only (others wait at the barrier); the model returns to train mode."""
+    from trainer.validation import validate
+
+    result: dict[str, float] = {}
+    if dist.main:
+        net = unwrap(model)
+        net.eval()
+        try:
+            result = validate(net, source, cfg, device)
+        finally:
+            net.train()
+    if dist.world > 1:
+        torch.distributed.barrier()
+    return result
+
+
+__all__ = ["CheckpointError", "TrainError", "lr_factor", "plot_curves", "train"]
