@@ -32,6 +32,9 @@ SPARSE_PARTS = ("data", "indices", "indptr", "shape")
 class BodyModelError(ValueError):
     """A body model file is missing, corrupt, unsafe or lacks a field; the message names file and field."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).splitlines()))  # always one line, whatever a library said
+
 
 @dataclass(frozen=True)
 class BodyArrays:
