@@ -117,7 +117,8 @@ def write_section(rows: list[tuple[str, int, float]], threads: int) -> None:
         "",
         f"Default body `{body.path.name}` ({body.num_vertices} vertices, K={body.num_betas}), float32, CPU "
         f"({platform.processor() or platform.machine()}, torch {torch.__version__}, {threads} thread(s)); "
-        "median of repeated calls under `torch.no_grad()`.",
+        "median of repeated calls under `torch.no_grad()`; 1-minute load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores when it ran (other jobs slow every row alike).",
         "",
         "| forward | batch | ms |",
         "|---|---:|---:|",
