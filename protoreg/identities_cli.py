@@ -270,7 +270,7 @@ def _shapes_to_draw(
     """(vertices, normals, standing height) per identity, posed as asked (height from the rest pose)."""
     import torch
 
-    from protoreg.prototypes import identity_rest_vertices
+    from protoreg.prototypes import identity_rest_vertices, vertex_normals_np
 
     bodies: dict[str, Any] = {}
     out = []
@@ -282,8 +282,8 @@ def _shapes_to_draw(
                 torch.as_tensor(rest[None], dtype=torch.float32), pose=torch.as_tensor(a_pose(1))
             )
             verts = posed.vertices.detach().cpu().numpy()[0].astype(np.float64)
-        normals = own.vertex_normals(torch.as_tensor(verts[None], dtype=torch.float32))
-        out.append((verts, normals.detach().cpu().numpy()[0].astype(np.float64), float(np.ptp(rest[:, 1]))))
+        normals = vertex_normals_np(verts, np.asarray(own.faces, dtype=np.int64))
+        out.append((verts, normals, float(np.ptp(rest[:, 1]))))
     return out
 
 

@@ -21,6 +21,9 @@ from protoreg.parts import BODY_PART_IDS, PART_NAMES, TAXONOMY_VERSION
 FORMAT_VERSION = "1.0"  # major.minor: readers refuse a newer major
 OVERSAMPLE = 4  # candidates per kept point before farthest-point thinning (evenly spread points)
 HEAD_JOINT = 15  # SMPL joint index of the head (hair region reference)
+# Hairline in head coordinates (see hair_vertex_mask): u = height, v = how far forward the hair reaches.
+HAIRLINE_U = (-0.10, 0.30, 0.50, 0.70, 0.80)
+HAIRLINE_V = (-0.22, -0.16, 0.20, 0.55, 2.0)
 
 
 class PrototypeError(ValueError):
@@ -177,15 +180,22 @@ def hair_vertex_mask(body: Any) -> np.ndarray:
     front = template[head & (template[:, 1] > jy), 2].max()
     u = (template[:, 1] - jy) / max(top - jy, 1e-6)  # 0 at the head joint, 1 at the crown
     v = (template[:, 2] - jz) / max(front - jz, 1e-6)  # 0 at the head joint, 1 at the nose tip
-    scalp = (u > 0.72) | ((u > 0.40) & (v < 0.30)) | ((u > -0.10) & (v < -0.15))
-    return head & scalp
+    # The hairline, seen from the side: how far forward (v) hair reaches at each height (u), from the nape
+    # behind the ear, up the temple, to the forehead.
+    hairline = np.interp(u, HAIRLINE_U, HAIRLINE_V, left=-np.inf, right=np.inf)
+    return head & (v < hairline)
 
 
-def _vertex_normals(body: Any, vertices: np.ndarray) -> np.ndarray:
-    import torch
-
-    n = _np(body.vertex_normals(torch.as_tensor(vertices[None], dtype=torch.float32)))[0]
-    return n.astype(np.float64)
+def vertex_normals_np(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """(V, 3) unit area-weighted vertex normals, as body.vertex_normals computes them, in numpy: it stays fast
+    when torch's thread pool competes with other jobs for the cores."""
+    tri = vertices[faces]
+    face_normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # length = 2 * area
+    normals = np.zeros_like(vertices, dtype=np.float64)
+    for k in range(3):
+        for d in range(3):
+            normals[:, d] += np.bincount(faces[:, k], weights=face_normals[:, d], minlength=len(vertices))
+    return normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
 
 
 def identity_rest_vertices(
@@ -227,11 +237,12 @@ def build_prototype(
     bodies: dict[str, Any] | None = None,
 ) -> Prototype:
     """One identity's prototype at the shared surface places."""
-    verts, own = identity_rest_vertices(ident, body, bodies)
-    faces = np.asarray(body.faces, dtype=np.int64)[samples.face_ids]
+    verts, _ = identity_rest_vertices(ident, body, bodies)  # same topology as `body`, checked there
+    all_faces = np.asarray(body.faces, dtype=np.int64)
+    faces = all_faces[samples.face_ids]
     bary = samples.barycentric.astype(np.float64)
     points = np.einsum("nk,nkd->nd", bary, verts[faces])
-    normals = np.einsum("nk,nkd->nd", bary, _vertex_normals(own, verts)[faces])
+    normals = np.einsum("nk,nkd->nd", bary, vertex_normals_np(verts, all_faces)[faces])
     normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
     albedo = np.where(hair_mask[samples.vertex_ids][:, None], ident.hair_color[None], ident.skin_tone[None])
     return Prototype(

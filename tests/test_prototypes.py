@@ -207,3 +207,30 @@ def test_points_tensor_and_argument_checks(body, cast, written):
         prototype_points_tensor(protos, ["nobody"])
     with pytest.raises(PrototypeError, match=r"n_points: expected at least 1400"):
         sample_surface(body, n_points=1000, min_per_part=100)
+
+
+def test_default_body_prototypes_cover_every_part_with_scalp_and_outward_normals(tmp_path):
+    from protoreg.body import DEFAULT_BODY_MODEL
+
+    if not DEFAULT_BODY_MODEL.exists():
+        pytest.skip("the embedded default body has not been baked yet")
+    body = load_body_model()
+    cast = sample_identities(3, 0, body)
+    path = write_prototypes(tmp_path / "prototypes.h5", cast, body)
+    protos = read_prototypes(path)
+    for ident in cast:
+        proto = protos[ident.name]
+        assert proto.points.shape == (4096, 3)
+        counts = np.bincount(proto.parts, minlength=15)
+        assert counts.sum() == 4096 and all(counts[p] >= 100 for p in BODY_PART_IDS), counts
+        assert np.array_equal(proto.parts, body.vertex_parts[proto.vertex_ids])
+        assert 1.4 < np.ptp(proto.points[:, 1]) < 2.1  # standing height, metres
+        hair = np.all(proto.albedo == ident.hair_color, axis=1)
+        assert hair.sum() >= 50 and np.all(proto.parts[hair] == PART_ID["head"])
+        top = np.argmax(proto.points[:, 1])
+        assert proto.normals[top, 1] > 0.8  # the crown's normal points up
+        # Outward: on each part, normals point away from the part's centre for the vast majority of points.
+        for p in BODY_PART_IDS:
+            sel = proto.parts == p
+            away = np.einsum("nd,nd->n", proto.normals[sel], proto.points[sel] - proto.points[sel].mean(0))
+            assert (away > 0).mean() > 0.8, (p, (away > 0).mean())
