@@ -357,16 +357,16 @@ def train(
             step += 1
             window_n += images.shape[0]
             bar.update(1)
-            if not math.isfinite(float(terms["loss"])):
+            if not math.isfinite(float(terms["loss"].detach())):
                 raise TrainError(f"step {step}: loss is {float(terms['loss'])} (lower --lr?)")
             do_val = val_source is not None and cfg.val_every > 0 and step % cfg.val_every == 0 and step < end
             if step % cfg.log_every == 0 or step == end or do_val:
                 now = time.perf_counter()
                 row = {
                     "step": step,
-                    **{k: round(float(terms[k]), 6) for k in ("loss", "contrast", "dense", "seg")},
+                    **{k: round(float(terms[k].detach()), 6) for k in ("loss", "contrast", "dense", "seg")},
                     "lr": optimizer.param_groups[0]["lr"],
-                    "temperature": round(float(model.temperature), 6),
+                    "temperature": round(float(model.temperature.detach()), 6),
                     "samples_per_s": round(window_n * dist.world / max(now - window_t, 1e-9), 2),
                     "skipped": skipped_total,
                 }

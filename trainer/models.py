@@ -28,8 +28,6 @@ from trainer.config import ModelConfig
 
 __all__ = ["ImageFeatures", "ModelConfig", "RegistrationNet", "count_parameters", "knn_graph"]
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-warnings.filterwarnings("ignore", message="Sparse invariant checks")
 
 IMAGE_MEAN = (0.45, 0.42, 0.40)
 IMAGE_STD = (0.25, 0.25, 0.25)
@@ -110,13 +108,15 @@ class NeighbourGraph:
 
     def __init__(self, nbrs: Tensor) -> None:
         n, k = nbrs.shape
-        rows = torch.arange(n).repeat_interleave(k)
-        adj = torch.sparse_coo_tensor(
-            torch.stack([rows, nbrs.reshape(-1).cpu()]), torch.full((n * k,), 1.0 / k), (n, n)
-        ).coalesce()
-        self.nbrs = nbrs
-        self.adj = adj.to_sparse_csr()
-        self.adj_t = adj.t().coalesce().to_sparse_csr()
+        with warnings.catch_warnings():  # torch labels sparse CSR 'beta'; the products used here are plain
+            warnings.simplefilter("ignore", UserWarning)
+            rows = torch.arange(n).repeat_interleave(k)
+            adj = torch.sparse_coo_tensor(
+                torch.stack([rows, nbrs.reshape(-1).cpu()]), torch.full((n * k,), 1.0 / k), (n, n)
+            ).coalesce()
+            self.nbrs = nbrs
+            self.adj = adj.to_sparse_csr()
+            self.adj_t = adj.t().coalesce().to_sparse_csr()
 
     def to(self, device: torch.device | str) -> NeighbourGraph:
         if self.adj.device == torch.device(device):
