@@ -18,7 +18,7 @@ import numpy as np
 from protoreg.identities import Identity, IdentityError, resolve_identities
 from protoreg.parts import BODY_PART_IDS, PART_COLORS, SMPL_JOINT_NAMES, part_name
 
-PIXELS_PER_METRE = 150
+PIXELS_PER_METRE = 180
 CELL_HEIGHT_M = 2.2  # drawing area per identity, metres (fits a 2.1 m person)
 FLOOR_M = 0.04  # floor line height above the bottom of the cell
 CELL_MARGIN_M = 0.06
@@ -182,15 +182,14 @@ def _draw_cell(ax: Any, img: np.ndarray, ident: Identity, height_m: float, ruler
     from matplotlib.patches import Rectangle
 
     h, w = img.shape[:2]
-    rgb = img[..., :3] * img[..., 3:] + (1 - img[..., 3:])
-    ax.imshow(rgb, interpolation="antialiased")
+    ax.imshow(np.clip(img, 0.0, 1.0), interpolation="antialiased", zorder=1)  # transparent background
     floor_px = h - FLOOR_M * PIXELS_PER_METRE
     for metres in (0.5, 1.0, 1.5, 2.0):
         y = floor_px - metres * PIXELS_PER_METRE
-        ax.axhline(y, color="#d0d0d0", lw=0.6, zorder=0.5, ls=(0, (4, 3)))
+        ax.axhline(y, color="#c8c8c8", lw=0.6, zorder=0, ls=(0, (4, 3)))  # guides behind the bodies
         if ruler:
             ax.text(2, y - 2, f"{metres:.1f} m", fontsize=7, color="#909090", va="bottom")
-    ax.axhline(floor_px, color="#a0a0a0", lw=0.8)
+    ax.axhline(floor_px, color="#a0a0a0", lw=0.8, zorder=0)
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     ax.set_axis_off()

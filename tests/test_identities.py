@@ -250,7 +250,7 @@ def test_show_identities_writes_png_of_expected_size(body_path, tmp_path):
         ["--identities", "6", "--seed", "2", "--body-model", str(body_path), "--out", str(out)],
     )
     assert result.exit_code == 0, result.output
-    assert sheet_size_px(6, "a") == (3 * 311, 2 * 374 + 70 + 44)
+    assert sheet_size_px(6, "a") == (3 * 373, 2 * 440 + 70 + 44)
     with Image.open(out) as im:
         assert im.size == sheet_size_px(6, "a")
         pixels = np.asarray(im.convert("RGB"))
