@@ -1,0 +1,163 @@
+"""RegistrationNet's public API, the losses on hand-made cases, checkpoints and the config loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from trainer.config import (
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    config_from_dict,
+    load_config,
+    model_fingerprint,
+)
+from trainer.losses import PixelSample, contrastive_loss, dense_loss, sample_pixels
+from trainer.models import ImageFeatures, RegistrationNet, count_parameters, knn_graph, neighbour_mean
+from trainer.validation import correspondence_scores, miou
+
+TINY = ModelConfig(
+    embed_dim=16, widths=(8, 16, 16, 24), decoder_width=16, point_widths=(16, 16), point_global=32
+)
+
+
+def test_encode_image_and_points_shapes_and_normalisation():
+    torch.manual_seed(0)
+    model = RegistrationNet(TINY).eval()
+    feats = model.encode_image(torch.rand(2, 3, 64, 32))
+    assert isinstance(feats, ImageFeatures) and feats.stride == 4
+    assert feats.embeddings.shape == (2, 16, 16, 8) and feats.seg_logits.shape == (2, 16, 16, 8)
+    assert torch.allclose(feats.embeddings.norm(dim=1), torch.ones(2, 16, 8), atol=1e-5)
+    pts = torch.randn(3, 100, 3)
+    emb = model.encode_points(pts, torch.randn(3, 100, 3), torch.rand(3, 100, 3))
+    assert emb.shape == (3, 100, 16) and torch.allclose(emb.norm(dim=-1), torch.ones(3, 100), atol=1e-5)
+    assert model.encode_points(pts).shape == (3, 100, 16)  # normals / albedo optional
+    assert abs(float(model.temperature.detach()) - 0.07) < 1e-6 and model.temperature.requires_grad
+    with pytest.raises(ValueError, match="expected \\(B,3,H,W\\)"):
+        model.encode_image(torch.rand(3, 64, 32))
+
+
+def test_point_embedding_of_a_set_does_not_depend_on_its_batch_mates():
+    model = RegistrationNet(TINY).eval()
+    pts = torch.randn(3, 80, 3)
+    together = model.encode_points(pts)
+    alone = model.encode_points(pts[1:2], neighbours=model.neighbours(pts))
+    assert torch.allclose(together[1:2], alone, atol=1e-5)
+
+
+def test_knn_graph_is_cached_per_topology_and_mean_aggregation_is_exact():
+    model = RegistrationNet(TINY)
+    pts = torch.randn(2, 60, 3)
+    g1 = model.neighbours(pts)
+    assert model.neighbours(pts.clone()) is g1 and len(model._knn_cache) == 1
+    nbrs = knn_graph(pts[0], 5)
+    assert nbrs.shape == (60, 5) and not (nbrs == torch.arange(60)[:, None]).any()
+    d = torch.cdist(pts[0], pts[0])
+    assert torch.allclose(d.gather(1, nbrs).max(1).values, d.topk(6, largest=False).values[:, 5])
+    v = torch.randn(2, 60, 4, requires_grad=True)
+    from trainer.models import NeighbourGraph
+
+    out = neighbour_mean(v, NeighbourGraph(nbrs))
+    assert torch.allclose(out, v[:, nbrs].mean(2), atol=1e-6)
+    out.sum().backward()
+    expected = torch.bincount(nbrs.reshape(-1), minlength=60).float() / 5
+    assert torch.allclose(v.grad[0, :, 0], expected, atol=1e-6)
+
+
+def test_default_model_is_small():
+    n = count_parameters(RegistrationNet(ModelConfig()))
+    assert 300_000 < n < 1_500_000
+
+
+def test_contrastive_loss_prefers_same_identity_same_part():
+    # 2 identities x 4 points, parts [1, 1, 2, 2]; pixel of identity 0, part 2
+    point_emb = torch.nn.functional.normalize(torch.randn(2, 4, 8), dim=-1)
+    parts = torch.tensor([1, 1, 2, 2])
+    good = PixelSample(torch.tensor([0]), point_emb[0, 2:3].clone(), torch.tensor([2]), torch.tensor([-1]))
+    bad = PixelSample(torch.tensor([0]), point_emb[1, 0:1].clone(), torch.tensor([2]), torch.tensor([-1]))
+    t = torch.tensor(0.07)
+    rows = torch.tensor([0])
+    assert contrastive_loss(good, rows, point_emb, parts, t) < contrastive_loss(
+        bad, rows, point_emb, parts, t
+    )
+    # exact value on a hand-computed case: orthogonal embeddings, one positive among 8
+    eye = torch.eye(8).view(2, 4, 8)
+    pix = PixelSample(torch.tensor([0]), eye[0, 2:3], torch.tensor([2]), torch.tensor([-1]))
+    logits = torch.zeros(8)
+    logits[2] = 1 / 0.5
+    expected = torch.logsumexp(logits, 0) - torch.logsumexp(logits[2:4], 0)
+    assert torch.allclose(contrastive_loss(pix, rows, eye, parts, torch.tensor(0.5)), expected)
+
+
+def test_dense_loss_is_lowest_at_the_true_vertex():
+    xyz = torch.tensor([[[0.0, 0, 0], [0.02, 0, 0], [0.5, 0, 0], [1.0, 0, 0]]])
+    emb = torch.eye(4).view(1, 4, 4)
+    vtp = torch.tensor([0, 1, 2, 3])
+    t = torch.tensor(0.1)
+
+    def loss_for(point: int) -> float:
+        pix = PixelSample(torch.tensor([0]), emb[0, point : point + 1], torch.tensor([1]), torch.tensor([2]))
+        return float(dense_loss(pix, torch.tensor([0]), emb, xyz, vtp, t, 0.05))
+
+    assert loss_for(2) < loss_for(1) and loss_for(2) < loss_for(3)
+
+
+def test_pixel_sampling_balances_parts_and_skips_invalid():
+    emb = torch.nn.functional.normalize(torch.randn(1, 4, 16, 8), dim=1)
+    feats = ImageFeatures(emb, torch.zeros(1, 16, 16, 8), 4)
+    parts = torch.zeros(1, 64, 32, dtype=torch.long)
+    parts[:, :60] = 2  # torso everywhere ...
+    parts[:, :8, :8] = 1  # ... a little head
+    valid = torch.ones(1, 64, 32, dtype=torch.bool)
+    valid[:, 32:] = False
+    pix = sample_pixels(feats, parts, parts.clone(), valid, 8, torch.Generator().manual_seed(0))
+    assert len(pix.parts) == 8
+    assert int((pix.parts == 1).sum()) >= 2  # rare parts are over-sampled
+    assert len(pix.batch) == 8 and (pix.parts >= 1).all()
+    all_pix = sample_pixels(feats, parts, parts.clone(), valid, 10_000, torch.Generator().manual_seed(0))
+    assert len(all_pix.parts) == 8 * 8  # the valid top half of the grid only
+
+
+def test_correspondence_scores_and_miou_on_known_cases():
+    point_emb = torch.eye(4).view(2, 2, 4)  # identity 0: points e0 (part 1), e1 (part 2); identity 1: e2, e3
+    point_parts = torch.tensor([1, 2])
+    pix = torch.eye(4)[[0, 1, 2]]
+    scores = correspondence_scores(pix, torch.tensor([1, 2, 1]), point_emb, point_parts, 0.5)
+    assert scores.tolist() == pytest.approx([2 / 3, 1 / 3])
+    conf = torch.zeros(16, 16, dtype=torch.int64).numpy()
+    conf[0, 0], conf[1, 1], conf[1, 2] = 10, 3, 1
+    assert miou(conf) == pytest.approx((1 + 3 / 4 + 0) / 3)
+
+
+def test_checkpoint_roundtrip_with_weights_only_and_refusals(tmp_path):
+    cfg = TrainConfig(model=TINY)
+    model = RegistrationNet(TINY)
+    path = save_checkpoint(tmp_path / "c.pt", model, cfg, step=7)
+    raw = torch.load(path, weights_only=True)
+    assert raw["model_fingerprint"] == model_fingerprint(TINY) and raw["step"] == 7
+    loaded, saved = load_model(path)
+    assert saved["model"]["embed_dim"] == 16 and not loaded.training
+    x = torch.rand(1, 3, 32, 16)
+    assert torch.allclose(loaded.encode_image(x).embeddings, model.eval().encode_image(x).embeddings)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable protoreg checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a protoreg training checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_config_yaml_roundtrip_and_unknown_keys(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  embed_dim: 24\n  widths: [8, 8, 16, 16]\nsteps: 5\n")
+    cfg = load_config(p)
+    assert cfg.model.embed_dim == 24 and cfg.model.widths == (8, 8, 16, 16) and cfg.steps == 5
+    with pytest.raises(ConfigError, match="unknown key 'stepz'"):
+        config_from_dict({"stepz": 3})
+    with pytest.raises(ConfigError, match="optim.lr: expected a number"):
+        config_from_dict({"optim": {"lr": "fast"}})
+    p.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
