@@ -550,8 +550,12 @@ def _tensor(x: np.ndarray) -> Any:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
-def encode_prototypes(model: Any, prototypes: Sequence[Any], batch_size: int = 4) -> list[GalleryIdentity]:
-    """Point embeddings of each prototype (protoreg.prototypes.Prototype), in the given order."""
+def encode_prototypes(model: Any, prototypes: Sequence[Any], batch_size: int = 1) -> list[GalleryIdentity]:
+    """Point embeddings of each prototype (protoreg.prototypes.Prototype), in the given order.
+
+    With batch_size 1 (the default) each prototype is encoded with its own neighbour graph, so an
+    identity's embeddings never depend on which other identities share its batch or gallery.
+    """
     import torch
 
     out: list[GalleryIdentity] = []

@@ -143,7 +143,7 @@ def subset_prototypes(protos: list[Any], max_points: int) -> list[Any]:
     return out
 
 
-def enroll_identities(loaded: LoadedModel, prototypes: Path, batch_size: int = 4) -> list[GalleryIdentity]:
+def enroll_identities(loaded: LoadedModel, prototypes: Path, batch_size: int = 1) -> list[GalleryIdentity]:
     """Encode every prototype of the file with the model (the gallery's point embeddings)."""
     from protoreg.prototypes import PrototypeError, read_prototypes
 
