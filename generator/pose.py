@@ -153,7 +153,7 @@ ARM_PRESETS: dict[str, tuple[tuple[float, float, float], ...]] = {
     "hip": ((0, 0, 0), (51, 15, -57), (0, -74, 0), (0, 0, 10)),
     "crossed": ((0, -8, 0), (57, -17, -84), (0, -94, 0), (0, 0, 0)),
     "crossed_low": ((0, -8, 0), (53, -13, -83), (0, -81, 0), (0, 0, 0)),
-    "phone_ear": ((0, -5, 6), (-20, -38, -62), (0, -140, 0), (0, 10, 40)),
+    "phone_ear": ((0, -5, 6), (-20, -36, -28), (0, -145, 0), (0, 0, 40)),
     "phone_front": ((0, -5, 0), (40, -30, -70), (-30, -95, 0), (0, 0, 20)),
     "reach": ((0, -10, 0), (0, -75, -22), (0, -12, 0), (0, 0, 0)),
     "raised": ((0, 0, 12), (0, -15, 78), (0, -18, 0), (0, 0, 0)),
@@ -282,7 +282,7 @@ def key_pose_library() -> list[KeyPose]:
     stand("attention", "side_straight", "side_straight",
           {**_STAND, "left_hip": (0, 0, 1), "right_hip": (0, 0, -1)})
     stand("weight_shift_left", "side", "side", _SHIFT_LEFT, _SHIFT_PELVIS_LEFT)
-    stand("weight_shift_right", "side", "side_straight", _SHIFT_RIGHT, _SHIFT_PELVIS_RIGHT)
+    stand("weight_shift_right", "side_straight", "side", _SHIFT_RIGHT, _SHIFT_PELVIS_RIGHT)
     stand("hands_on_hips", "hip", "hip", _WIDE)
     stand("hand_on_hip", "hip", "side", _SHIFT_RIGHT, _SHIFT_PELVIS_RIGHT)
     stand("arms_crossed", "crossed", "crossed_low", _STAND, {"spine3": (-3, 0, 0)})
