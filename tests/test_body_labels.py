@@ -105,8 +105,7 @@ def test_parts_doc_tables_match_the_taxonomy():
 def default_body():
     from protoreg.body import DEFAULT_BODY_MODEL
 
-    if not DEFAULT_BODY_MODEL.exists():
-        pytest.skip(f"{DEFAULT_BODY_MODEL} not baked yet")
+    assert DEFAULT_BODY_MODEL.exists(), f"{DEFAULT_BODY_MODEL} is missing (it ships with the repository)"
     return load_body_model()
 
 

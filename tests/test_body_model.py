@@ -279,8 +279,7 @@ def test_pose_mesh_of_the_shaped_body_equals_forward(body):
 def default_body() -> BodyModel:
     from protoreg.body import DEFAULT_BODY_MODEL
 
-    if not DEFAULT_BODY_MODEL.exists():
-        pytest.skip(f"{DEFAULT_BODY_MODEL} not baked yet")
+    assert DEFAULT_BODY_MODEL.exists(), f"{DEFAULT_BODY_MODEL} is missing (it ships with the repository)"
     return load_body_model()
 
 
