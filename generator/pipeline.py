@@ -232,6 +232,7 @@ def generate_dataset(req: GenRequest, echo: Callable[[str], None] = print) -> Ge
         backend=req.backend,
     )
     rendered = _render_with_progress(job, todo, req.workers, req.progress)
+    remove_stale_temporaries(out_dir, plans)  # writers killed just before this run may have been alive then
     manifest = finalize_dataset(out_dir)
     summary = GenSummary(
         samples=manifest["totals"]["samples"],

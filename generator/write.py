@@ -2,9 +2,10 @@
 
 Shards must be byte-identical whatever the worker count, so every byte is deterministic: fixed tar
 metadata (mtime, owner, mode), JPEG/PNG encoders with fixed settings, canonical JSON. A shard is
-written under a temporary name, fsynced and renamed; then its record (DIR/.records/shard-XXXXXX.json:
-count, bytes, sha256) is written atomically. The manifest is assembled from the records, so shards
-written by independent processes (or machines) can be finalised later. No bpy here.
+written under a temporary name and fsynced, its record (DIR/.records/shard-XXXXXX.json: count, bytes,
+sha256) is written atomically, then the shard is renamed to its final name. The manifest is assembled
+from the records, so shards written by independent processes (or machines) can be finalised later.
+No bpy here.
 """
 
 from __future__ import annotations
@@ -212,13 +213,18 @@ def remove_stale_temporaries(out_dir: Path, plans: Iterable[ShardPlan]) -> list[
 
 
 def _process_alive(pid: int) -> bool:
+    """Whether a writer process still runs (a killed, not yet reaped zombie counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -307,6 +313,9 @@ def write_shard(
         handle.finish()
         if handle.path != tmp:
             raise RuntimeError(f"ShardWriter wrote {handle.path}, expected {tmp}")
+        # Record first, then rename: a shard file under its final name always has its record.
+        record = ShardRecord(plan.name, plan.index, plan.start, written, handle.size, handle.sha.hexdigest())
+        write_record(out_dir, record)
         os.replace(tmp, final)
         _fsync_dir(out_dir)
     except BaseException:
@@ -315,8 +324,6 @@ def write_shard(
                 h.file.close()
         tmp.unlink(missing_ok=True)
         raise
-    record = ShardRecord(plan.name, plan.index, plan.start, written, handle.size, handle.sha.hexdigest())
-    write_record(out_dir, record)
     return record
 
 
