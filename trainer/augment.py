@@ -1,11 +1,11 @@
 """Training-time augmentation for synthetic-to-real generalisation, cheap enough for 2 CPU cores.
 
 Geometric steps (random resized crop) run per sample and move RGB and label maps together
-(bilinear for RGB, nearest for labels). Photometric steps (colour jitter, grey, blur, noise) run
-vectorised over a whole batch in torch; JPEG re-compression (Pillow) and random erasing run per
-sample. Every random number comes from the sample's own generator, so a sample is augmented the
-same way whichever worker or process handles it. Erased pixels keep their labels but are marked
-invalid, so no loss trusts them.
+(bilinear for RGB, nearest for labels); blur, JPEG re-compression (Pillow, in C) and random erasing
+also run per sample. Colour jitter, grey and noise run vectorised over a whole batch in torch, the
+colour steps folded into one affine map per image. Every random number comes from the sample's own
+generator, so a sample is augmented the same way whichever worker or process handles it. Erased
+pixels keep their labels but are marked invalid, so no loss trusts them.
 """
 
 from __future__ import annotations
@@ -15,12 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from trainer.config import AugmentConfig
-
-BLUR_TAPS = 7  # separable Gaussian kernel length (sigma up to ~1.5 px)
 
 
 @dataclass
@@ -78,9 +75,9 @@ def resize_labels(
     """Nearest-neighbour crop+resize of a label map (labels are never blended)."""
     x0, y0, w, h = box
     oh, ow = out_hw
-    ys = np.clip(np.floor(y0 + (np.arange(oh) + 0.5) * (h / oh)).astype(np.int64), 0, labels.shape[0] - 1)
-    xs = np.clip(np.floor(x0 + (np.arange(ow) + 0.5) * (w / ow)).astype(np.int64), 0, labels.shape[1] - 1)
-    return labels[ys[:, None], xs[None, :]]
+    ys = np.minimum(np.floor(y0 + (np.arange(oh) + 0.5) * (h / oh)).astype(np.intp), labels.shape[0] - 1)
+    xs = np.minimum(np.floor(x0 + (np.arange(ow) + 0.5) * (w / ow)).astype(np.intp), labels.shape[1] - 1)
+    return labels.take(ys, axis=0).take(xs, axis=1)
 
 
 def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
@@ -135,6 +132,8 @@ def augment_sample(
         noise_std=float(rng.uniform(*cfg.noise_std)) if u[2] < cfg.noise_p else 0.0,
         noise_seed=int(rng.integers(0, 2**31 - 1)),
     )
+    if params.blur_sigma > 0:
+        rgb = np.asarray(Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(params.blur_sigma)))
     if u[3] < cfg.jpeg_p:
         rgb = jpeg_roundtrip(rgb, jpeg_q)
     box_e = erase_box(rng, out_hw, cfg.erase_area)
@@ -151,8 +150,9 @@ def augment_sample(
     return rgb, parts, vid, valid, params
 
 
-def _rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
-    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+GRAY = torch.tensor([0.299, 0.587, 0.114])
+NOISE_FIELDS = 8  # a fixed bank of unit-variance noise fields per image size, shared by all samples
+_noise_bank: dict[tuple[int, int], torch.Tensor] = {}
 
 
 def _hue_matrices(turns: torch.Tensor) -> torch.Tensor:
@@ -167,57 +167,51 @@ def _hue_matrices(turns: torch.Tensor) -> torch.Tensor:
     return from_yiq @ rot @ to_yiq
 
 
-def _gaussian_kernels(sigmas: torch.Tensor) -> torch.Tensor:
-    """(B, BLUR_TAPS) normalised 1-D Gaussians; sigma 0 gives the identity kernel."""
-    r = torch.arange(BLUR_TAPS, dtype=torch.float32) - BLUR_TAPS // 2
-    s = sigmas.clamp_min(1e-3)[:, None]
-    k = torch.exp(-0.5 * (r[None] / s) ** 2)
-    return k / k.sum(dim=1, keepdim=True)
+def colour_transform(params: list[PhotoParams], mean_gray: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brightness, contrast, saturation/grey and hue folded into one affine map per image: x' = A x + c.
 
-
-def photometric(images: torch.Tensor, params: list[PhotoParams]) -> torch.Tensor:
-    """Colour jitter, grey, blur and noise for a batch (B,3,H,W) in [0,1], vectorised over the batch."""
-    if not params or all(p == PhotoParams() for p in params):
-        return images
+    brightness: x*b; contrast: (x - m)*k + m with m the image's mean grey after brightness;
+    saturation: (x - g(x))*s + g(x); hue: rotation about the grey axis.
+    """
     b = len(params)
-    x = images
 
     def col(name: str) -> torch.Tensor:
         return torch.tensor([float(getattr(p, name)) for p in params], dtype=torch.float32)
 
-    x = x * col("brightness").view(b, 1, 1, 1)
-    mean = _rgb_to_gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * col("contrast").view(b, 1, 1, 1) + mean
-    gray = _rgb_to_gray(x)
+    bright, contrast = col("brightness"), col("contrast")
     sat = col("saturation") * (1 - col("gray"))
-    x = (x - gray) * sat.view(b, 1, 1, 1) + gray
-    hue = _hue_matrices(col("hue"))
-    x = torch.einsum("bij,bjhw->bihw", hue, x)
-    sig = col("blur_sigma")
-    if bool((sig > 0).any()):
-        k = _gaussian_kernels(sig)
-        k = torch.where(
-            (sig > 0)[:, None], k, F.one_hot(torch.tensor(BLUR_TAPS // 2), BLUR_TAPS).float()[None]
-        )
-        kk = k.repeat_interleave(3, dim=0)  # (B*3, taps)
-        h, w = x.shape[-2:]
-        y = x.reshape(1, b * 3, h, w)
-        pad = BLUR_TAPS // 2
-        y = F.conv2d(
-            F.pad(y, (pad, pad, 0, 0), mode="replicate"), kk.view(b * 3, 1, 1, BLUR_TAPS), groups=b * 3
-        )
-        y = F.conv2d(
-            F.pad(y, (0, 0, pad, pad), mode="replicate"), kk.view(b * 3, 1, BLUR_TAPS, 1), groups=b * 3
-        )
-        x = y.view(b, 3, h, w)
-    std = col("noise_std")
-    if bool((std > 0).any()):
-        noise = torch.empty_like(x)
-        for i, p in enumerate(params):
-            if p.noise_std > 0:
-                g = torch.Generator().manual_seed(p.noise_seed)
-                noise[i] = torch.randn(x.shape[1:], generator=g) * p.noise_std
-            else:
-                noise[i] = 0
-        x = x + noise
+    eye = torch.eye(3).expand(b, 3, 3)
+    g = torch.ones(3, 1) * GRAY[None]  # x -> grey(x) broadcast to RGB
+    sat_m = sat.view(b, 1, 1) * eye + (1 - sat).view(b, 1, 1) * g
+    lin = _hue_matrices(col("hue")) @ sat_m * (bright * contrast).view(b, 1, 1)
+    m = mean_gray * bright
+    offset_vec = (m * (1 - contrast)).view(b, 1) * torch.ones(b, 3)  # grey offset: unchanged by sat and hue
+    return lin, offset_vec
+
+
+def noise_field(index: int, hw: tuple[int, int]) -> torch.Tensor:
+    """One of NOISE_FIELDS fixed unit Gaussian fields (3,H,W): cheap, and the same in every process."""
+    bank = _noise_bank.get(hw)
+    if bank is None:
+        g = torch.Generator().manual_seed(0x5EED)
+        bank = torch.randn(NOISE_FIELDS, 3, *hw, generator=g)
+        _noise_bank[hw] = bank
+    return bank[index % NOISE_FIELDS]
+
+
+def photometric(images: torch.Tensor, params: list[PhotoParams]) -> torch.Tensor:
+    """Colour jitter, grey and noise for a batch (B,3,H,W) in [0,1]: one batched affine colour map plus
+    noise from a fixed field bank (shifted and flipped per sample). Blur runs per sample in the worker."""
+    if not params or all(p == PhotoParams() for p in params):
+        return images
+    b, _, h, w = images.shape
+    mean_gray = torch.einsum("c,bchw->b", GRAY, images) / (h * w)
+    lin, offset = colour_transform(params, mean_gray)
+    x = torch.baddbmm(offset.view(b, 3, 1), lin, images.reshape(b, 3, h * w)).view(b, 3, h, w)
+    for i, p in enumerate(params):
+        if p.noise_std > 0:
+            field = noise_field(p.noise_seed, (h, w))
+            shift = (p.noise_seed // NOISE_FIELDS) % (h * w)
+            field = field.reshape(3, -1).roll(shift, dims=1).view(3, h, w)
+            x[i].add_(field, alpha=p.noise_std)
     return x.clamp_(0, 1)
