@@ -203,11 +203,19 @@ def _build_pose(
 
 _STAND = {"left_hip": (0, 0, 3), "right_hip": (0, 0, -3), "left_knee": (3, 0, 0), "right_knee": (3, 0, 0)}
 _SHIFT_LEFT = {  # weight on the left leg, right knee relaxed (contrapposto)
-    "left_hip": (0, -4, 1), "right_hip": (-8, 6, -8), "left_knee": (2, 0, 0), "right_knee": (16, 0, 0),
+    "left_hip": (0, -4, 1),
+    "right_hip": (-8, 6, -8),
+    "left_knee": (2, 0, 0),
+    "right_knee": (16, 0, 0),
     "right_ankle": (-4, 0, 0),
 }
-_SHIFT_RIGHT = {"left_hip": (-8, -6, 8), "right_hip": (0, 4, -1), "left_knee": (16, 0, 0),
-                "right_knee": (2, 0, 0), "left_ankle": (-4, 0, 0)}
+_SHIFT_RIGHT = {
+    "left_hip": (-8, -6, 8),
+    "right_hip": (0, 4, -1),
+    "left_knee": (16, 0, 0),
+    "right_knee": (2, 0, 0),
+    "left_ankle": (-4, 0, 0),
+}
 _WIDE = {"left_hip": (0, -8, 9), "right_hip": (0, 8, -9), "left_knee": (3, 0, 0), "right_knee": (3, 0, 0)}
 _SHIFT_PELVIS_LEFT = {"pelvis": (0, 0, 4), "spine1": (0, 0, -3), "spine3": (0, 0, -2)}
 _SHIFT_PELVIS_RIGHT = {"pelvis": (0, 0, -4), "spine1": (0, 0, 3), "spine3": (0, 0, 2)}
@@ -233,8 +241,12 @@ def _leg_gait(phase: float, stride: float) -> tuple[tuple[float, float, float], 
     c = math.cos(2 * math.pi * phase)
     hip_x = -(8.0 + 20.0 * c) * stride  # 28 deg flexion at heel strike, 12 deg extension at toe-off
     knee_x = 4.0 + stride * (14.0 * _bump(phase, 0.12, 0.06) + 56.0 * _bump(phase, 0.72, 0.09))
-    ankle_x = stride * (5.0 * _bump(phase, 0.05, 0.04) - 8.0 * _bump(phase, 0.38, 0.12)
-                        + 16.0 * _bump(phase, 0.60, 0.05) - 6.0 * _bump(phase, 0.82, 0.07))
+    ankle_x = stride * (
+        5.0 * _bump(phase, 0.05, 0.04)
+        - 8.0 * _bump(phase, 0.38, 0.12)
+        + 16.0 * _bump(phase, 0.60, 0.05)
+        - 6.0 * _bump(phase, 0.82, 0.07)
+    )
     return (0.0, 0.0, 2.0), (hip_x, 0.0, 0.0), (knee_x, 0.0, 0.0), (ankle_x, 0.0, 0.0)
 
 
@@ -279,8 +291,12 @@ def key_pose_library() -> list[KeyPose]:
 
     stand("relaxed", "side", "side")
     stand("a_pose", "a_pose", "a_pose")
-    stand("attention", "side_straight", "side_straight",
-          {**_STAND, "left_hip": (0, 0, 1), "right_hip": (0, 0, -1)})
+    stand(
+        "attention",
+        "side_straight",
+        "side_straight",
+        {**_STAND, "left_hip": (0, 0, 1), "right_hip": (0, 0, -1)},
+    )
     stand("weight_shift_left", "side", "side", _SHIFT_LEFT, _SHIFT_PELVIS_LEFT)
     stand("weight_shift_right", "side_straight", "side", _SHIFT_RIGHT, _SHIFT_PELVIS_RIGHT)
     stand("hands_on_hips", "hip", "hip", _WIDE)
@@ -298,13 +314,28 @@ def key_pose_library() -> list[KeyPose]:
     stand("thinking", "side", "chin", _SHIFT_RIGHT, {"neck": (8, 0, 0), "head": (6, -5, 0)})
     stand("pointing", "point_side", "side", _WIDE, {"neck": (0, 20, 0), "head": (0, 20, 0)})
     stand("hands_clasped", "clasp_front", "clasp_front", _STAND, {"neck": (6, 0, 0)})
-    stand("stride_stand", "a_pose", "side",
-          {"left_hip": (-18, 0, 4), "right_hip": (8, 0, -4), "left_knee": (12, 0, 0), "right_knee": (4, 0, 0),
-           "left_ankle": (6, 0, 0), "right_ankle": (-10, 0, 0)})
+    stand(
+        "stride_stand",
+        "a_pose",
+        "side",
+        {
+            "left_hip": (-18, 0, 4),
+            "right_hip": (8, 0, -4),
+            "left_knee": (12, 0, 0),
+            "right_knee": (4, 0, 0),
+            "left_ankle": (6, 0, 0),
+            "right_ankle": (-10, 0, 0),
+        },
+    )
     for k in range(GAIT_LIBRARY_PHASES):
         poses.append(KeyPose(f"walk_phase_{k}", "gait", gait_euler(k / GAIT_LIBRARY_PHASES, 1.0)))
-    head_variants = {"look_left": (0, 35, 0), "look_right": (0, -35, 0), "look_down": (25, 0, 0),
-                     "look_up": (-22, 0, 0), "head_tilt": (4, 8, 14)}
+    head_variants = {
+        "look_left": (0, 35, 0),
+        "look_right": (0, -35, 0),
+        "look_down": (25, 0, 0),
+        "look_up": (-22, 0, 0),
+        "head_tilt": (4, 8, 14),
+    }
     for name, (px, py, pz) in head_variants.items():
         e = _build_pose("side", "side", _STAND)
         e[J["neck"]] = (px * 0.5, py * 0.5, pz * 0.5)
@@ -384,12 +415,22 @@ CAPSULES: tuple[tuple[str, str, str, str], ...] = (
 _CAP = {c[0]: k for k, c in enumerate(CAPSULES)}
 # Pairs of non-adjacent capsules that must not overlap.
 COLLISION_PAIRS: tuple[tuple[str, str], ...] = (
-    ("l_forearm", "torso"), ("r_forearm", "torso"),
-    ("l_forearm", "l_thigh"), ("l_forearm", "r_thigh"), ("r_forearm", "l_thigh"), ("r_forearm", "r_thigh"),
+    ("l_forearm", "torso"),
+    ("r_forearm", "torso"),
+    ("l_forearm", "l_thigh"),
+    ("l_forearm", "r_thigh"),
+    ("r_forearm", "l_thigh"),
+    ("r_forearm", "r_thigh"),
     ("l_forearm", "r_forearm"),
-    ("l_thigh", "r_thigh"), ("l_shin", "r_shin"), ("l_thigh", "r_shin"), ("r_thigh", "l_shin"),
-    ("l_foot", "r_foot"), ("l_foot", "r_shin"), ("r_foot", "l_shin"),
-    ("l_upper_arm", "r_forearm"), ("r_upper_arm", "l_forearm"),
+    ("l_thigh", "r_thigh"),
+    ("l_shin", "r_shin"),
+    ("l_thigh", "r_shin"),
+    ("r_thigh", "l_shin"),
+    ("l_foot", "r_foot"),
+    ("l_foot", "r_shin"),
+    ("r_foot", "l_shin"),
+    ("l_upper_arm", "r_forearm"),
+    ("r_upper_arm", "l_forearm"),
 )
 _PAIR_IDX = np.array([(_CAP[a], _CAP[b]) for a, b in COLLISION_PAIRS])
 _CAP_JOINTS = np.array([(J[a], J[b]) for _, a, b, _ in CAPSULES])
@@ -438,8 +479,9 @@ class BodyGeometry:
     radii: np.ndarray  # (n_capsules, 2) radius at the start and end joint, metres
 
 
-def capsule_radii(rest_vertices: np.ndarray, vertex_parts: np.ndarray, rest_joints: np.ndarray,
-                  percentile: float) -> np.ndarray:
+def capsule_radii(
+    rest_vertices: np.ndarray, vertex_parts: np.ndarray, rest_joints: np.ndarray, percentile: float
+) -> np.ndarray:
     """(n_capsules, 2) radii at both ends of each capsule from the distances of the part's rest vertices to
     its bone segment (a low percentile, so that a flattened torso or a muscle bulge does not inflate it)."""
     radii = np.zeros((len(CAPSULES), 2))
@@ -487,16 +529,20 @@ def load_pose_file(path: str | Path) -> np.ndarray:
             body = np.asarray(data["pose_body"], dtype=np.float64)
             body = body.reshape(len(body), -1)
             if body.shape[1] < 63 or len(body) != len(root):
-                raise ValueError(f"pose file {path}: 'pose_body' must be (T, 63) beside 'root_orient' "
-                                 f"(T, 3), got {body.shape} and {root.shape}")
+                raise ValueError(
+                    f"pose file {path}: 'pose_body' must be (T, 63) beside 'root_orient' "
+                    f"(T, 3), got {body.shape} and {root.shape}"
+                )
             out = np.zeros((len(body), 72))
             out[:, :3] = root
             out[:, 3:66] = body[:, :63]
             if "pose_hand" in keys:  # SMPL-H hands do not map onto SMPL's two hand joints; keep them at rest
                 pass
             return out
-    raise ValueError(f"pose file {path}: expected key 'poses' (T, >=72) or 'root_orient' + 'pose_body'; "
-                     f"found {sorted(keys)}")
+    raise ValueError(
+        f"pose file {path}: expected key 'poses' (T, >=72) or 'root_orient' + 'pose_body'; "
+        f"found {sorted(keys)}"
+    )
 
 
 def load_pose_files(pattern: str, frame_step: int = 1) -> np.ndarray:
@@ -536,20 +582,27 @@ class VPoserDecoder:
     def __init__(self, weights_dir: str | Path) -> None:
         weights_dir = Path(weights_dir)
         if not weights_dir.is_dir():
-            raise ValueError(f"vposer_dir {weights_dir}: not a folder (expected VPoser v2 weights, "
-                             f"e.g. V02_05/ with a snapshots/*.ckpt)")
+            raise ValueError(
+                f"vposer_dir {weights_dir}: not a folder (expected VPoser v2 weights, "
+                f"e.g. V02_05/ with a snapshots/*.ckpt)"
+            )
         ckpts = sorted(weights_dir.rglob("*.ckpt")) + sorted(weights_dir.rglob("*.pt"))
         if not ckpts:
-            raise ValueError(f"vposer_dir {weights_dir}: no *.ckpt or *.pt weights inside (VPoser weights "
-                             f"are licensed: download them yourself from the SMPL-X site)")
+            raise ValueError(
+                f"vposer_dir {weights_dir}: no *.ckpt or *.pt weights inside (VPoser weights "
+                f"are licensed: download them yourself from the SMPL-X site)"
+            )
         try:
             from human_body_prior.models.vposer_model import VPoser  # type: ignore[import-not-found]
             from human_body_prior.tools.model_loader import load_model  # type: ignore[import-not-found]
         except ImportError as exc:
-            raise ValueError(f"vposer_dir {weights_dir}: the 'human_body_prior' package is not installed "
-                             f"(pip install it yourself to use VPoser)") from exc
-        self.model, _ = load_model(str(weights_dir), model_code=VPoser,
-                                   remove_words_in_model_weights="vp_model.", disable_grad=True)
+            raise ValueError(
+                f"vposer_dir {weights_dir}: the 'human_body_prior' package is not installed "
+                f"(pip install it yourself to use VPoser)"
+            ) from exc
+        self.model, _ = load_model(
+            str(weights_dir), model_code=VPoser, remove_words_in_model_weights="vp_model.", disable_grad=True
+        )
         self.model.eval()
         self.latent_dim = int(getattr(self.model, "latentD", 32))
 
@@ -569,10 +622,18 @@ class VPoserDecoder:
 def _perturb_scale() -> np.ndarray:
     s = np.zeros((NUM_JOINTS, 3))
     table = {
-        "left_shoulder": (1.2, 1.5, 1.5), "left_elbow": (0.6, 1.5, 0.2), "left_wrist": (1.0, 0.6, 1.2),
-        "left_collar": (0.3, 0.5, 0.5), "left_hip": (0.5, 0.7, 0.6), "left_knee": (1.0, 0.2, 0.1),
-        "left_ankle": (0.8, 0.5, 0.4), "spine1": (0.6, 0.6, 0.4), "spine2": (0.3, 0.4, 0.3),
-        "spine3": (0.3, 0.4, 0.3), "neck": (0.7, 0.8, 0.5), "head": (0.7, 0.8, 0.5),
+        "left_shoulder": (1.2, 1.5, 1.5),
+        "left_elbow": (0.6, 1.5, 0.2),
+        "left_wrist": (1.0, 0.6, 1.2),
+        "left_collar": (0.3, 0.5, 0.5),
+        "left_hip": (0.5, 0.7, 0.6),
+        "left_knee": (1.0, 0.2, 0.1),
+        "left_ankle": (0.8, 0.5, 0.4),
+        "spine1": (0.6, 0.6, 0.4),
+        "spine2": (0.3, 0.4, 0.3),
+        "spine3": (0.3, 0.4, 0.3),
+        "neck": (0.7, 0.8, 0.5),
+        "head": (0.7, 0.8, 0.5),
     }
     for name, v in table.items():
         s[J[name]] = v
@@ -597,8 +658,10 @@ class PosePrior:
         weights = np.array([float(config.key_pose_weights.get(p.name, 1.0)) for p in self._proposals])
         unknown = set(config.key_pose_weights) - {p.name for p in self.library}
         if unknown:
-            raise ValueError(f"pose.key_pose_weights: unknown key poses {sorted(unknown)}; "
-                             f"expected names from {[p.name for p in self._proposals]}")
+            raise ValueError(
+                f"pose.key_pose_weights: unknown key poses {sorted(unknown)}; "
+                f"expected names from {[p.name for p in self._proposals]}"
+            )
         if np.any(weights < 0) or weights.sum() <= 0:
             raise ValueError("pose.key_pose_weights: weights must be >= 0 and not all zero")
         self._weights = weights / weights.sum()
@@ -621,8 +684,9 @@ class PosePrior:
         if geo is None:
             rest_v = _to_numpy(self.body.rest_vertices(betas[None]))
             rest_j = _rest_joints(self.body, betas)
-            radii = capsule_radii(rest_v, np.asarray(self.body.vertex_parts), rest_j,
-                                  self.config.capsule_radius_percentile)
+            radii = capsule_radii(
+                rest_v, np.asarray(self.body.vertex_parts), rest_j, self.config.capsule_radius_percentile
+            )
             geo = BodyGeometry(rest_j, radii)
             if len(self._geometry_cache) > 512:
                 self._geometry_cache.clear()

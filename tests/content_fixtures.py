@@ -17,12 +17,24 @@ from protoreg.parts import SMPL_PARENTS
 
 # T-pose joints (metres, y-up, facing +z, +x = subject's left), roughly an adult's proportions.
 _LEFT = {
-    1: (0.09, 0.86, 0.0), 4: (0.10, 0.48, 0.01), 7: (0.10, 0.08, -0.02), 10: (0.11, 0.02, 0.11),
-    13: (0.07, 1.38, -0.01), 16: (0.18, 1.40, -0.02), 18: (0.44, 1.40, -0.03), 20: (0.69, 1.40, -0.02),
+    1: (0.09, 0.86, 0.0),
+    4: (0.10, 0.48, 0.01),
+    7: (0.10, 0.08, -0.02),
+    10: (0.11, 0.02, 0.11),
+    13: (0.07, 1.38, -0.01),
+    16: (0.18, 1.40, -0.02),
+    18: (0.44, 1.40, -0.03),
+    20: (0.69, 1.40, -0.02),
     22: (0.77, 1.39, -0.02),
 }
-_CENTRE = {0: (0.0, 0.93, 0.0), 3: (0.0, 1.03, -0.02), 6: (0.0, 1.15, -0.01), 9: (0.0, 1.23, 0.0),
-           12: (0.0, 1.45, -0.02), 15: (0.0, 1.54, 0.01)}
+_CENTRE = {
+    0: (0.0, 0.93, 0.0),
+    3: (0.0, 1.03, -0.02),
+    6: (0.0, 1.15, -0.01),
+    9: (0.0, 1.23, 0.0),
+    12: (0.0, 1.45, -0.02),
+    15: (0.0, 1.54, 0.01),
+}
 _MIRROR_JOINT = {1: 2, 4: 5, 7: 8, 10: 11, 13: 14, 16: 17, 18: 19, 20: 21, 22: 23}
 
 
@@ -50,9 +62,12 @@ def _tube(a, b, ra, rb, rings=8, around=12, ry=None):
     ang = np.linspace(0, 2 * np.pi, around, endpoint=False)
     r = ra + (rb - ra) * t
     r2 = r if ry is None else ry + 0 * t
-    verts = (a + t[:, None, None] * axis
-             + r[:, None, None] * np.cos(ang)[None, :, None] * u
-             + r2[:, None, None] * np.sin(ang)[None, :, None] * w).reshape(-1, 3)
+    verts = (
+        a
+        + t[:, None, None] * axis
+        + r[:, None, None] * np.cos(ang)[None, :, None] * u
+        + r2[:, None, None] * np.sin(ang)[None, :, None] * w
+    ).reshape(-1, 3)
     faces = []
     for i in range(rings - 1):
         for k in range(around):
@@ -65,8 +80,18 @@ def _tube(a, b, ra, rb, rings=8, around=12, ry=None):
 def _sphere(c, r, n=10):
     th = np.linspace(0.15, np.pi - 0.15, n)
     ph = np.linspace(0, 2 * np.pi, 2 * n, endpoint=False)
-    v = np.stack([np.sin(th)[:, None] * np.sin(ph), np.cos(th)[:, None] + 0 * ph,
-                  np.sin(th)[:, None] * np.cos(ph)], -1).reshape(-1, 3) * r + c
+    v = (
+        np.stack(
+            [
+                np.sin(th)[:, None] * np.sin(ph),
+                np.cos(th)[:, None] + 0 * ph,
+                np.sin(th)[:, None] * np.cos(ph),
+            ],
+            -1,
+        ).reshape(-1, 3)
+        * r
+        + c
+    )
     faces = []
     m = 2 * n
     for i in range(n - 1):
@@ -87,14 +112,18 @@ def standin_body_arrays() -> dict[str, np.ndarray]:
     for joint, lo, hi in [(0, 0.84, 0.98), (3, 0.98, 1.10), (6, 1.10, 1.22), (9, 1.22, 1.45)]:
         pieces.append((*_tube((0, lo, -0.01), (0, hi, -0.01), 0.16, 0.16, ry=0.1)[:2], joint))
     for side in (0, 1):
+
         def m(i, side=side):
             return i if side == 0 else _MIRROR_JOINT[i]
 
         hand_end = J[m(22)] + (J[m(22)] - J[m(20)]) * 0.8
         tubes = [
-            (J[m(13)], J[m(16)], 0.05, 0.05, m(13)), (J[m(16)], J[m(18)], 0.05, 0.042, m(16)),
-            (J[m(18)], J[m(20)], 0.04, 0.03, m(18)), (J[m(20)], hand_end, 0.03, 0.02, m(20)),
-            (J[m(1)] + (0, 0.05, 0), J[m(4)], 0.085, 0.055, m(1)), (J[m(4)], J[m(7)], 0.055, 0.035, m(4)),
+            (J[m(13)], J[m(16)], 0.05, 0.05, m(13)),
+            (J[m(16)], J[m(18)], 0.05, 0.042, m(16)),
+            (J[m(18)], J[m(20)], 0.04, 0.03, m(18)),
+            (J[m(20)], hand_end, 0.03, 0.02, m(20)),
+            (J[m(1)] + (0, 0.05, 0), J[m(4)], 0.085, 0.055, m(1)),
+            (J[m(4)], J[m(7)], 0.055, 0.035, m(4)),
             (J[m(7)] + (0, -0.04, -0.05), J[m(10)] + (0, 0, 0.06), 0.04, 0.03, m(7)),
         ]
         for a, b, ra, rb, joint in tubes:
@@ -122,10 +151,15 @@ def standin_body_arrays() -> dict[str, np.ndarray]:
     shapedirs[:, :, 1] = (v - centroid[joint_of]) * 0.1
     f = np.concatenate(faces).astype(np.int64)
     return {
-        "v_template": v, "f": f, "shapedirs": shapedirs, "posedirs": np.zeros((len(v), 3, 207)),
-        "J_regressor": j_reg, "weights": weights,
+        "v_template": v,
+        "f": f,
+        "shapedirs": shapedirs,
+        "posedirs": np.zeros((len(v), 3, 207)),
+        "J_regressor": j_reg,
+        "weights": weights,
         "kintree_table": np.array([list(SMPL_PARENTS), list(range(24))], dtype=np.int64),
-        "vt": np.stack([v[:, 0] * 0.5 + 0.5, v[:, 1] / 1.9], axis=1), "ft": f.copy(),
+        "vt": np.stack([v[:, 0] * 0.5 + 0.5, v[:, 1] / 1.9], axis=1),
+        "ft": f.copy(),
     }
 
 

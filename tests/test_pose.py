@@ -58,8 +58,11 @@ def test_library_holds_at_least_20_distinct_key_poses_with_a_walking_cycle():
 
 def test_forward_kinematics_matches_the_body_forward(body, prior):
     pose = euler_to_axis_angle(next(p for p in prior.library if p.name == "waving").euler)
-    out = body.forward(torch.as_tensor(BETAS[None], dtype=torch.float32),
-                       torch.as_tensor(pose[None], dtype=torch.float32), torch.zeros(1, 3))
+    out = body.forward(
+        torch.as_tensor(BETAS[None], dtype=torch.float32),
+        torch.as_tensor(pose[None], dtype=torch.float32),
+        torch.zeros(1, 3),
+    )
     fk = forward_kinematics(pose, prior.geometry(BETAS).rest_joints)
     assert np.abs(out.joints[0].numpy()[:24] - fk).max() < 2e-3
 
@@ -177,8 +180,14 @@ def test_amass_style_pose_files_load_and_sample(tmp_path, body):
     split = load_pose_file(tmp_path / "b_split.npz")
     assert split.shape == (4, 72) and np.allclose(split[:, 3:66], body_pose) and np.all(split[:, 66:] == 0)
 
-    cfg = PoseConfig(poses_glob=str(tmp_path / "a_*.npz"), poses_fraction=1.0, poses_frame_step=1,
-                     mirror_prob=0.0, yaw_range=(0.0, 0.0), contact_slack_m=10.0)
+    cfg = PoseConfig(
+        poses_glob=str(tmp_path / "a_*.npz"),
+        poses_fraction=1.0,
+        poses_frame_step=1,
+        mirror_prob=0.0,
+        yaw_range=(0.0, 0.0),
+        contact_slack_m=10.0,
+    )
     prior = PosePrior(cfg, body)
     pose = prior.sample(np.random.default_rng(5), BETAS)
     match = [np.allclose(pose[3:], f[3:72]) for f in frames]
