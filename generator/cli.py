@@ -38,6 +38,33 @@ class Resolution(click.ParamType):
         return w, h
 
 
+class DatasetRoot(click.ParamType):
+    """A dataset folder (returned as a Path) or a URL prefix s3:// / http(s):// (returned as text)."""
+
+    name = "DIR|URL"
+
+    def __init__(self, must_exist: bool = False):
+        self.must_exist = must_exist
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        from protoreg import storage
+
+        if isinstance(value, Path):
+            value = str(value)
+        if storage.is_remote(value):
+            return str(value).rstrip("/")
+        path = Path(value)
+        if path.exists() and not path.is_dir():
+            self.fail(f"{value}: exists and is not a folder", param, ctx)
+        if self.must_exist and not path.is_dir():
+            self.fail(
+                f"{value}: no such folder (expected a dataset folder or an s3:// / http(s):// URL)",
+                param,
+                ctx,
+            )
+        return path
+
+
 def _fail(message: str) -> None:
     raise click.ClickException(message.splitlines()[0] if message else "failed")
 
@@ -55,10 +82,11 @@ def _fail(message: str) -> None:
 @click.option(
     "--out",
     "out",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DatasetRoot(),
     default=DEFAULT_OUT,
     show_default=True,
-    help="Output folder. Re-running the same command into it resumes (keeps verified shards); "
+    help="Output folder, or s3://bucket/prefix (endpoint from PROTOREG_S3_ENDPOINT_URL for S3-compatible "
+    "stores). Re-running the same command into it resumes (keeps finished shards); "
     "a folder holding another configuration is refused.",
 )
 @click.option(
@@ -119,6 +147,40 @@ def _fail(message: str) -> None:
     default=None,
     help="Folder of background images (jpg/png/exr/...) used besides procedural backdrops.",
 )
+@click.option(
+    "--task-index",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Job-array task I of --num-tasks T: render only shards k with k % T == I and write their records, "
+    "not the manifest (run `protoreg finalize OUT` when all tasks are done) "
+    "[default: from SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX when set, else 0].",
+)
+@click.option(
+    "--num-tasks",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Number of job-array tasks T [default: SLURM_ARRAY_TASK_COUNT, or PROTOREG_NUM_TASKS, else 1].",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: --workers Blender processes here; ray: one Ray task (one Blender process) per shard.",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    metavar="ADDR",
+    help="Ray cluster to use with --executor ray (e.g. ray://head:10001 or auto) "
+    "[default: start a local Ray instance with --workers CPUs].",
+)
+@click.option(
+    "--staging",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Local folder where shards wait for upload to a remote --out [default: a temporary folder].",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def gen_shards(
     identities: str,
@@ -133,6 +195,11 @@ def gen_shards(
     body_model: str | None,
     poses: str | None,
     backgrounds: str | None,
+    task_index: int | None,
+    num_tasks: int | None,
+    executor: str,
+    ray_address: str | None,
+    staging: str | None,
     quiet: bool,
 ) -> None:
     """Render N samples of posed, clothed, lit persons with exact part labels into WebDataset shards.
@@ -141,7 +208,8 @@ def gen_shards(
     (format: docs/dataset-format.md). Interrupted runs resume when re-run with the same command.
     """
     from generator.config import ConfigError, load_config
-    from generator.pipeline import GenerationError, GenRequest, generate_dataset
+    from generator.pipeline import GenerationError, GenRequest
+    from generator.scaleout import ScaleOptions, command_without_task_flags, resolve_task, run_generation
 
     try:
         config = load_config(config_file)
@@ -163,11 +231,14 @@ def gen_shards(
         backgrounds=backgrounds,
         poses=poses,
         progress=not quiet,
+        command=command_without_task_flags(),
     )
     from generator.workers import WorkerError
 
     try:
-        summary = generate_dataset(request, echo=click.echo)
+        index, count = resolve_task(task_index, num_tasks)
+        scale = ScaleOptions(index, count, executor, ray_address, staging)
+        summary = run_generation(request, scale, echo=click.echo)
     except GenerationError as e:
         _fail(str(e))
     except WorkerError as e:
@@ -178,17 +249,18 @@ def gen_shards(
 
 
 @click.command("verify")
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("dataset", type=DatasetRoot(must_exist=True))
 @click.option("--no-samples", is_flag=True, help="Check checksums and sizes only, not every sample's schema.")
-def verify_cmd(dataset: Path, no_samples: bool) -> None:
+def verify_cmd(dataset: Path | str, no_samples: bool) -> None:
     """Check every shard's sha256 and size against manifest.json, then every sample's schema.
 
+    DATASET is a folder, s3://bucket/prefix or http(s)://host/path (remote shards are streamed).
     Exits non-zero naming the first bad or missing shard.
     """
-    from generator.write import verify_dataset
+    from generator.location import DatasetLocation, verify_location
 
     try:
-        totals = verify_dataset(dataset, check_samples=not no_samples)
+        totals = verify_location(DatasetLocation(dataset), check_samples=not no_samples)
     except ds.DatasetFormatError as e:
         _fail(str(e))
     what = "checksums" if no_samples else f"checksums and {totals['samples']} samples"
@@ -196,16 +268,17 @@ def verify_cmd(dataset: Path, no_samples: bool) -> None:
 
 
 @click.command("finalize")
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def finalize_cmd(dataset: Path) -> None:
-    """Assemble manifest.json and wids-index.json from the per-shard records (.records/).
+@click.argument("dataset", type=DatasetRoot(must_exist=True))
+def finalize_cmd(dataset: Path | str) -> None:
+    """Assemble manifest.json, wids-index.json and DATASET.md from the per-shard records (.records/).
 
-    For shards written by independent tasks; names the first missing shard.
+    For shards written by independent job-array tasks (DATASET: a folder or s3://bucket/prefix);
+    names every missing shard.
     """
-    from generator.write import finalize_dataset
+    from generator.scaleout import finalize
 
     try:
-        manifest = finalize_dataset(dataset)
+        manifest = finalize(dataset)
     except ds.DatasetFormatError as e:
         _fail(str(e))
     t = manifest["totals"]

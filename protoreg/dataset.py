@@ -154,8 +154,12 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_version(version: str) -> tuple[int, int]:
-    major, minor = str(version).split(".")[:2]
-    return int(major), int(minor)
+    """'MAJOR.MINOR' -> (major, minor); anything else is a DatasetFormatError naming the value."""
+    try:
+        major, minor = str(version).split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        raise DatasetFormatError(f"format version {version!r}: expected MAJOR.MINOR, e.g. 1.0") from None
 
 
 def check_format_version(version: str, source: str) -> None:
@@ -170,7 +174,12 @@ def check_format_version(version: str, source: str) -> None:
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
-    """Read and version-check a local manifest.json (or the one inside a dataset folder)."""
+    """Read and version-check a manifest.json (or the one inside a dataset folder), local or remote
+    (s3://, http(s)://: a URL ending in .json is the manifest itself, else the dataset folder)."""
+    from protoreg import storage
+
+    if storage.is_remote(path):
+        return _load_remote_manifest(str(path))
     p = Path(path)
     if p.is_dir():
         p = p / MANIFEST_NAME
@@ -185,4 +194,27 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
     if "format_version" not in manifest:
         raise DatasetFormatError(f"{p}: manifest has no format_version")
     check_format_version(manifest["format_version"], str(p))
+    return manifest
+
+
+def _load_remote_manifest(url: str) -> dict[str, Any]:
+    from protoreg import storage
+
+    if not url.split("?")[0].endswith(".json"):
+        url = storage.join(url, MANIFEST_NAME)
+    try:
+        manifest = json.loads(storage.read_bytes(url).decode("utf-8"))
+    except FileNotFoundError:
+        raise DatasetFormatError(
+            f"{url}: not found (expected the manifest.json of a gen-shards dataset)"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise DatasetFormatError(f"{url}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise DatasetFormatError(
+            f"{url}: cannot read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
+    if not isinstance(manifest, dict) or "format_version" not in manifest:
+        raise DatasetFormatError(f"{url}: manifest has no format_version")
+    check_format_version(manifest["format_version"], url)
     return manifest
