@@ -17,7 +17,6 @@ and counted (`skipped` in each batch) instead of crashing the run.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -75,12 +74,31 @@ def _manifest_shards(manifest: dict[str, Any], where: str) -> list[str]:
     return names
 
 
+def _check_local_shards(manifest: dict[str, Any], root: Path) -> None:
+    """Every shard the manifest lists is there with its recorded size (cheap: no hashing; see verify)."""
+    for shard in manifest.get("shards", []):
+        if not isinstance(shard, dict):
+            continue
+        path = root / shard["name"]
+        if not path.is_file():
+            raise DataSpecError(f"{shard['name']}: missing (listed in {root / ds.MANIFEST_NAME}, not found)")
+        if "bytes" in shard and path.stat().st_size != shard["bytes"]:
+            raise DataSpecError(
+                f"{shard['name']}: {path.stat().st_size} bytes, the manifest says {shard['bytes']} "
+                f"(damaged or replaced; run `protoreg verify {root}`)"
+            )
+
+
 def resolve_spec(spec: str, prototypes: str = "") -> DataSource:
     """SPEC -> DataSource. A dataset folder (local or URL ending in '/' or without '.tar'), a brace list
     'dir/shard-{000000..000009}.tar', a comma/space separated list, or pipe:/http(s) URLs."""
     spec = spec.strip()
     if not spec:
         raise DataSpecError("--shards: empty SPEC (expected a dataset folder, shard list or URLs)")
+    if "s3://" in spec:
+        from protoreg import storage
+
+        storage.register_webdataset_schemes()  # webdataset reads s3:// through fsspec (endpoint from env)
     local = Path(spec).expanduser()
     if not _is_url(spec) and local.is_dir():
         try:
@@ -88,20 +106,22 @@ def resolve_spec(spec: str, prototypes: str = "") -> DataSource:
         except ds.DatasetFormatError as e:
             raise DataSpecError(str(e)) from None
         urls = [str(local / n) for n in _manifest_shards(manifest, str(local))]
+        _check_local_shards(manifest, local)
         proto_name = (manifest.get("prototypes") or {}).get("file", ds.PROTOTYPES_NAME)
         proto = prototypes or str(local / proto_name)
         return DataSource(spec, urls, proto, manifest, str(local))
     if (
-        spec.startswith(("http://", "https://"))
+        spec.startswith(("http://", "https://", "s3://"))
         and not spec.split("?")[0].endswith(".tar")
         and "{" not in spec
     ):
         root = spec.rstrip("/")
         try:
-            manifest = json.loads(_read_remote_text(f"{root}/{ds.MANIFEST_NAME}"))
+            manifest = ds.load_manifest(root)  # remote-aware; refuses a newer major format version
+        except ds.DatasetFormatError as e:
+            raise DataSpecError(str(e)) from None
         except Exception as e:  # noqa: BLE001 - any transport error means the same to the user
             raise DataSpecError(f"{spec}: cannot read {ds.MANIFEST_NAME} ({e})") from None
-        ds.check_format_version(manifest.get("format_version", "0.0"), spec)
         urls = [f"{root}/{n}" for n in _manifest_shards(manifest, spec)]
         proto_name = (manifest.get("prototypes") or {}).get("file", ds.PROTOTYPES_NAME)
         return DataSource(spec, urls, prototypes or f"{root}/{proto_name}", manifest, root)
