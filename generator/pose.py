@@ -683,7 +683,7 @@ class PosePrior:
         geo = self._geometry_cache.get(key)
         if geo is None:
             rest_v = _to_numpy(self.body.rest_vertices(betas[None]))
-            rest_j = _rest_joints(self.body, betas)
+            rest_j = _rest_joints(self.body, betas, rest_v)
             radii = capsule_radii(
                 rest_v, np.asarray(self.body.vertex_parts), rest_j, self.config.capsule_radius_percentile
             )
@@ -779,8 +779,12 @@ def _to_numpy(x) -> np.ndarray:
     return x[0] if x.ndim == 3 and x.shape[0] == 1 else x
 
 
-def _rest_joints(body, betas: np.ndarray) -> np.ndarray:
-    """Rest-pose (T-pose) joints of a shape: the body forward at zero pose, translation removed."""
+def _rest_joints(body, betas: np.ndarray, rest_vertices: np.ndarray) -> np.ndarray:
+    """Rest-pose (T-pose) joints of a shape: the body's joint regressor applied to its rest vertices (cheap),
+    or, for a body without one, the forward at zero pose."""
+    regressor = getattr(body, "J_regressor", None)
+    if regressor is not None:
+        return _to_numpy(regressor) @ rest_vertices
     import torch
 
     with torch.no_grad():
