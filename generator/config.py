@@ -172,7 +172,8 @@ def _convert(value: Any, hint: Any, default: Any, where: str) -> Any:
     if isinstance(default, dict):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        like = next(iter(default.values()), None)  # values shaped like the defaults' (tuples stay tuples)
+        return {k: _as_tuples(v, like) for k, v in value.items()}
     return value
 
 
