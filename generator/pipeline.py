@@ -221,6 +221,11 @@ def generate_dataset(req: GenRequest, echo: Callable[[str], None] = print) -> Ge
     remove_stale_temporaries(out_dir, todo)
     if len(todo) < len(plans):
         echo(f"keeping {len(plans) - len(todo)} verified shard(s); rendering {len(todo)}")
+    if 0 < len(todo) < req.workers:
+        echo(
+            f"note: {len(todo)} shard(s) to render for {req.workers} workers; workers take whole shards, "
+            "so a smaller --shard-size would keep all of them busy"
+        )
     job = GenJob(
         out_dir=str(out_dir),
         config=config,
