@@ -42,9 +42,9 @@ from trainer.recognition import (  # noqa: E402
 SECTION = "recognize_latency"
 
 
-def write_section(text: str, path: Path = ROOT / "docs" / "benchmarks.md") -> None:
-    """Replace this bench's section of docs/benchmarks.md (other sections untouched)."""
-    start, end = f"<!-- bench:{SECTION} -->", f"<!-- /bench:{SECTION} -->"
+def write_section(text: str, section: str = SECTION, path: Path = ROOT / "docs" / "benchmarks.md") -> None:
+    """Replace one bench's section of docs/benchmarks.md (other sections untouched)."""
+    start, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
     doc = path.read_text() if path.exists() else "# Benchmarks\n"
     block = f"{start}\n{text.rstrip()}\n{end}"
     if start in doc and end in doc:
