@@ -700,3 +700,54 @@ def _template_joints(body, num_betas: int) -> np.ndarray:
     with torch.no_grad():
         out = body.forward(betas=torch.zeros(1, num_betas), pose=torch.zeros(1, 72))
     return _numpy(out.joints)[:24]
+
+
+def draw_outfits(body, path: str, n: int = 8, seed: int = 0, config: AppearanceConfig | None = None) -> None:
+    """Preview PNG of n dressed people (sampled identities, poses and outfits) in front, side and back point
+    views coloured by vertex colour, shells included, for people to judge the garments."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from generator.pose import PoseConfig, PosePrior
+    from protoreg.identities import resolve_identities
+
+    config = config or AppearanceConfig()
+    identities = resolve_identities(str(n), seed, body)
+    prior = PosePrior(PoseConfig(yaw_range=(0.0, 0.0)), body)
+    dresser = Dresser(body, config)
+    fig, axes = plt.subplots(3, n, figsize=(n * 1.9, 3 * 3.0))
+    axes = np.asarray(axes).reshape(3, n)
+    for k, identity in enumerate(identities):
+        rng = np.random.default_rng([seed, k])
+        betas = torch.as_tensor(np.asarray(identity.betas, np.float32)[None])
+        pose = prior.sample(rng, np.asarray(identity.betas))
+        with torch.no_grad():
+            verts = body.forward(betas=betas, pose=torch.as_tensor(pose[None], dtype=torch.float32)).vertices
+            normals = body.vertex_normals(verts)
+            rest = body.rest_vertices(betas)
+        outfit = sample_outfit(rng, config)
+        dressed = dresser.dress(outfit, identity, rng, rest, verts, normals)
+        points = np.concatenate([_numpy(verts)] + [s.vertices for s in dressed.shells])
+        colors = np.concatenate([dressed.vertex_colors] + [s.vertex_colors for s in dressed.shells])
+        lin = np.clip(colors, 0.0, 1.0)
+        srgb = np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055)
+        every = np.arange(0, len(points), 2)
+        p, c = points[every], srgb[every]
+        for view, (x, depth, name) in enumerate(
+            [(p[:, 0], p[:, 2], "front"), (p[:, 2], -p[:, 0], "side"), (-p[:, 0], -p[:, 2], "back")]
+        ):
+            ax = axes[view, k]
+            order = np.argsort(depth)
+            ax.scatter(x[order], p[order, 1], s=2.2, c=c[order], linewidths=0)
+            ax.set_xlim(np.median(x) - 0.7, np.median(x) + 0.7)
+            ax.set_ylim(p[:, 1].min() - 0.05, p[:, 1].min() + 1.95)
+            ax.set_aspect("equal")
+            ax.set_axis_off()
+            title = f"{outfit.top.kind}/{outfit.top.pattern}\n{outfit.bottom.kind}/{outfit.bottom.pattern}"
+            ax.set_title(title if view == 0 else f"{name}, {len(dressed.shells)} shell(s)", fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -523,7 +523,10 @@ def load_pose_file(path: str | Path) -> np.ndarray:
             poses = np.asarray(data["poses"], dtype=np.float64)
             if poses.ndim != 2 or poses.shape[1] < 72:
                 raise ValueError(f"pose file {path}: 'poses' must be (T, >=72), got {poses.shape}")
-            return poses[:, :72].copy()
+            out = poses[:, :72].copy()
+            if poses.shape[1] > 72:  # SMPL-H / SMPL-X: values 66..71 are finger joints, not SMPL's hands
+                out[:, 66:72] = 0.0
+            return out
         if "pose_body" in keys and "root_orient" in keys:
             root = np.asarray(data["root_orient"], dtype=np.float64).reshape(-1, 3)
             body = np.asarray(data["pose_body"], dtype=np.float64)
@@ -536,8 +539,6 @@ def load_pose_file(path: str | Path) -> np.ndarray:
             out = np.zeros((len(body), 72))
             out[:, :3] = root
             out[:, 3:66] = body[:, :63]
-            if "pose_hand" in keys:  # SMPL-H hands do not map onto SMPL's two hand joints; keep them at rest
-                pass
             return out
     raise ValueError(
         f"pose file {path}: expected key 'poses' (T, >=72) or 'root_orient' + 'pose_body'; "
@@ -752,7 +753,7 @@ class PosePrior:
         return np.clip(e, JOINT_LIMITS_DEG[..., 0], JOINT_LIMITS_DEG[..., 1])
 
     def _with_yaw(self, pose: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        pose = canonical_root(pose, self.config.poses_up_axis) if pose is not None else pose
+        pose = canonical_root(pose, self.config.poses_up_axis)
         yaw = Rotation.from_euler("y", rng.uniform(*self.config.yaw_range), degrees=True)
         pose[:3] = (yaw * Rotation.from_rotvec(pose[:3])).as_rotvec()
         return pose
@@ -800,3 +801,43 @@ def pose_statistics(poses: np.ndarray) -> dict[str, float]:
     ang = np.degrees(np.linalg.norm(p, axis=2))
     knees = ang[:, [J["left_knee"], J["right_knee"]]]
     return {"mean_joint_angle_deg": float(ang[:, 1:22].mean()), "mean_knee_deg": float(knees.mean())}
+
+
+def draw_key_poses(body, path: str, betas: np.ndarray | None = None, columns: int = 6) -> None:
+    """Contact sheet PNG of every key pose (front and side point views coloured by part), for people to
+    check that the library looks natural on a body."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from protoreg.parts import PART_COLORS
+
+    betas = np.zeros(int(getattr(body, "num_betas", 10))) if betas is None else np.asarray(betas, float)
+    library = key_pose_library()
+    parts = np.asarray(body.vertex_parts)
+    every = np.arange(0, len(parts), max(1, len(parts) // 7000))
+    rows = -(-len(library) // columns)
+    fig, axes = plt.subplots(rows, 2 * columns, figsize=(2 * columns * 1.3, rows * 2.3))
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for k, kp in enumerate(library):
+        pose = torch.as_tensor(euler_to_axis_angle(kp.euler)[None], dtype=torch.float32)
+        with torch.no_grad():
+            out = body.forward(betas=torch.as_tensor(betas[None], dtype=torch.float32), pose=pose)
+        v = _to_numpy(out.vertices)[every]
+        r, c = divmod(k, columns)
+        for view in (0, 1):  # front: x right; side: +z (the body's front) to the right
+            ax = axes[r, 2 * c + view]
+            x = v[:, 0] if view == 0 else v[:, 2]
+            order = np.argsort(v[:, 2] if view == 0 else -v[:, 0])
+            ax.scatter(x[order], v[order, 1], s=1.5, c=PART_COLORS[parts[every][order]] / 255.0, linewidths=0)
+            centre = float(np.median(x))
+            ax.set_xlim(centre - 0.8, centre + 0.8)
+            ax.set_ylim(v[:, 1].min() - 0.05, v[:, 1].min() + 1.95)
+            ax.set_aspect("equal")
+            ax.set_title(kp.name if view == 0 else "side", fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
