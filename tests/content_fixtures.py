@@ -7,6 +7,7 @@ without, the baked default body (protoreg.body.synthetic's tubes are all 4 cm th
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,11 +165,11 @@ def standin_body_arrays() -> dict[str, np.ndarray]:
 
 
 def load_test_body(tmp_dir: Path | None = None):
-    """The real default body when it has been baked, else the stand-in written to tmp_dir and loaded through
-    the project's own BodyModel (so the real forward, normals and part labels are exercised)."""
+    """The real default body when it has been baked, else (or with PROTOREG_TEST_STANDIN_BODY=1) the stand-in
+    written to tmp_dir and loaded through the project's own BodyModel (real forward, normals, part labels)."""
     from protoreg.body import DEFAULT_BODY_MODEL, load_body_model
 
-    if DEFAULT_BODY_MODEL.exists():
+    if DEFAULT_BODY_MODEL.exists() and not os.environ.get("PROTOREG_TEST_STANDIN_BODY"):
         return load_body_model(DEFAULT_BODY_MODEL)
     tmp_dir = Path(tmp_dir) if tmp_dir is not None else Path(tempfile.gettempdir())
     path = tmp_dir / "content_standin_body.npz"
