@@ -101,7 +101,8 @@ class AppearanceConfig:
     pattern_probs: dict[str, float] = field(
         default_factory=lambda: {"solid": 0.55, "stripes": 0.18, "checks": 0.12, "noise": 0.15}
     )
-    # Named palettes of linear-RGB colours; the *_palette_weights below pick among them by name.
+    # Named palettes of linear-RGB colours, laid over the built-in ones (a name given here replaces the
+    # built-in palette of that name); the *_palette_weights below pick among them by name.
     palettes: dict[str, list[tuple[float, float, float]]] = field(
         default_factory=lambda: {k: list(v) for k, v in DEFAULT_PALETTES.items()}
     )
@@ -274,11 +275,18 @@ def _choice(
     return names[int(rng.choice(len(names), p=p / p.sum()))]
 
 
+def effective_palettes(config: AppearanceConfig) -> dict[str, list]:
+    """The built-in palettes with the config's palettes laid over them (same name: replaced), so a config
+    that defines only the palettes it changes keeps the others; drop one by giving it weight 0."""
+    return {**DEFAULT_PALETTES, **config.palettes}
+
+
 def _pick_color(
     rng: np.random.Generator, config: AppearanceConfig, weights: dict[str, float], what: str
 ) -> tuple[str, np.ndarray]:
-    palette = _choice(rng, weights, what, tuple(config.palettes))
-    colors = np.asarray(config.palettes[palette], dtype=np.float64).reshape(-1, 3)
+    palettes = effective_palettes(config)
+    palette = _choice(rng, weights, what, tuple(palettes))
+    colors = np.asarray(palettes[palette], dtype=np.float64).reshape(-1, 3)
     if len(colors) == 0:
         raise ValueError(f"appearance.palettes[{palette!r}]: expected at least one colour")
     color = colors[rng.integers(len(colors))] * (1.0 + rng.uniform(-1, 1) * config.color_jitter)

@@ -139,6 +139,19 @@ def test_palettes_can_be_swapped():
     assert o.top.color == red and o.bottom.color == red and o.top.palette == "only"
 
 
+def test_a_config_palette_adds_to_the_built_in_ones():
+    neon = (1.0, 0.0, 0.5)
+    cfg = AppearanceConfig(
+        palettes={"neon": [neon]},
+        top_palette_weights={"neon": 1.0},
+        top_probs={"short": 1.0},
+        color_jitter=0.0,
+    )
+    o = sample_outfit(np.random.default_rng(1), cfg)
+    assert o.top.palette == "neon" and o.top.color == neon
+    assert o.bottom.palette in cfg.bottom_palette_weights  # built-in palettes remain available
+
+
 def test_unknown_names_in_the_config_are_rejected():
     with pytest.raises(ValueError, match="top_probs.*hoodie"):
         sample_outfit(np.random.default_rng(0), AppearanceConfig(top_probs={"hoodie": 1.0}))
