@@ -119,8 +119,9 @@ def rss_mb(pid: int) -> float | None:
 
 
 def is_worker(pid: int) -> bool:
+    """A spawned gen-shards worker (not multiprocessing's resource tracker)."""
     try:
-        return b"multiprocessing" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 
@@ -160,11 +161,16 @@ def run_end_to_end(args: argparse.Namespace, out: Path) -> dict:
     }
 
 
+def _at(points: list[tuple[float, float]], t: float) -> float:
+    """RSS of the first sample taken at or after time t."""
+    return next((mb for s, mb in points if s >= t), points[-1][1])
+
+
 def summarise_rss(series: dict[int, list[tuple[float, float]]], wall: float) -> list[dict]:
-    """Per worker: RSS once warmed up (first sample after 10% of the run), at the end, and the peak."""
+    """Per worker: RSS warmed up (first sample after 10% of the run and 30 s), at the end, and the peak."""
     out = []
     for pid, points in sorted(series.items()):
-        warm = [mb for t, mb in points if t >= 0.1 * wall] or [points[-1][1]]
+        warm = [mb for t, mb in points if t >= max(0.1 * wall, 30.0)] or [points[-1][1]]
         end = [mb for t, mb in points if t >= 0.9 * wall] or [points[-1][1]]
         out.append(
             {
@@ -174,6 +180,7 @@ def summarise_rss(series: dict[int, list[tuple[float, float]]], wall: float) -> 
                 "end_mb": max(end),
                 "peak_mb": max(mb for _, mb in points),
                 "growth_mb": max(end) - warm[0],
+                "quartiles_mb": [_at(points, q * wall) for q in (0.25, 0.5, 0.75)],
             }
         )
     return out
@@ -226,11 +233,12 @@ def section_text(args: argparse.Namespace, floor: dict, e2e: dict, load: tuple[f
         "",
         "Worker memory (VmRSS sampled every 2 s):",
         "",
-        "| worker | warmed up | end | peak |",
-        "|---|---|---|---|",
+        "| worker | warmed up | 25% | 50% | 75% | end | peak |",
+        "|---|---|---|---|---|---|---|",
     ]
     for k, r in enumerate(e2e["rss"]):
-        lines.append(f"| {k} | {r['warm_mb']:.0f} MB | {r['end_mb']:.0f} MB | {r['peak_mb']:.0f} MB |")
+        q = " | ".join(f"{v:.0f} MB" for v in r["quartiles_mb"])
+        lines.append(f"| {k} | {r['warm_mb']:.0f} MB | {q} | {r['end_mb']:.0f} MB | {r['peak_mb']:.0f} MB |")
     lines += ["", f"gen-shards summary: `{e2e['summary']}`", f"<!-- /bench:{SECTION} -->"]
     return "\n".join(lines)
 
