@@ -219,6 +219,8 @@ def gen_shards(
         config.render.width, config.render.height = resolution
     if samples is not None:
         config.render.samples = samples
+    if poses is not None:
+        config.pose.poses_glob = poses  # the pose prior mixes these files in; part of the stored config
     request = GenRequest(
         out_dir=out,
         n=n,
