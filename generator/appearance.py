@@ -174,6 +174,9 @@ class AppearanceConfig:
     flare_range: tuple[float, float] = (0.03, 0.15)
     # Amplitude of the low-frequency displacement that makes shells look draped rather than inflated.
     fold_amplitude: float = 0.35
+    # A garment colour closer to the wearer's skin than this (max difference of sqrt-linear RGB) is darkened
+    # or lightened, so that a beige top on a beige-skinned person does not read as bare skin.
+    skin_contrast: float = 0.08
     # Amplitude of per-vertex fabric shading noise (multiplies garment colours by 1 +- this).
     shade_noise: float = 0.08
     # Hair style of an identity (drawn once per identity id, so it stays with the person).
@@ -616,7 +619,8 @@ class Dresser:
                 f"got {rest.shape}, {posed.shape}, {normals.shape}"
             )
         colors = np.empty((self.num_vertices, 3))
-        colors[:] = np.asarray(identity.skin_tone, dtype=np.float64)
+        skin = np.asarray(identity.skin_tone, dtype=np.float64)
+        colors[:] = skin
         rough = np.full(self.num_vertices, cfg.skin_roughness)
         shade_seed = int(rng.integers(2**31))
         shade_amp = cfg.shade_noise * float(rng.uniform(0.5, 1.0))
@@ -628,7 +632,10 @@ class Dresser:
             masks[g.slot] = mask
             noise = self.noise.pattern(idx, g.pattern_scale, g.pattern_seed) if g.pattern == "noise" else None
             mix = pattern_mix(rest[idx], g, noise)[:, None]
-            c = (1.0 - mix) * np.asarray(g.color) + mix * np.asarray(g.color2)
+            c1, c2 = (
+                apart_from_skin(np.asarray(x, float), skin, cfg.skin_contrast) for x in (g.color, g.color2)
+            )
+            c = (1.0 - mix) * c1 + mix * c2
             if shade_amp > 0 and g.slot != "shoes":
                 c *= 1.0 + shade_amp * (2.0 * self.noise.field(0.06, shade_seed)[idx] - 1.0)[:, None]
             colors[idx] = c
@@ -690,6 +697,15 @@ class Dresser:
             roughness=rough[src].astype(np.float32),
             name=g.slot,
         )
+
+
+def apart_from_skin(color: np.ndarray, skin: np.ndarray, min_difference: float) -> np.ndarray:
+    """The colour, darkened (on light skin) or lightened (on dark skin) when it is too close to the skin."""
+    gap = float(np.max(np.abs(np.sqrt(np.clip(color, 0, 1)) - np.sqrt(np.clip(skin, 0, 1)))))
+    if gap >= min_difference:
+        return color
+    luminance = float(skin @ np.array([0.2126, 0.7152, 0.0722]))
+    return np.clip(color * (0.4 if luminance > 0.12 else 2.5), 0.0, 1.0)
 
 
 def identity_hair_style(identity, config: AppearanceConfig) -> str:

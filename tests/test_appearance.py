@@ -244,6 +244,14 @@ def test_stripes_give_two_colours_and_solid_one(body, surfaces):
     assert len(np.unique(np.round(solid.vertex_colors[top], 4), axis=0)) == 1
 
 
+def test_skin_coloured_garments_are_set_apart_from_the_skin(body, surfaces):
+    outfit = _outfit("sleeveless", "long")
+    outfit.top = dataclasses.replace(outfit.top, color=tuple(SKIN), color2=tuple(SKIN))
+    dressed = _dress(body, surfaces, outfit)
+    top = dressed.garment_masks["top"]
+    assert np.abs(dressed.vertex_colors[top] - SKIN).max(axis=1).min() > 0.1
+
+
 def test_checks_and_noise_patterns_vary(body, surfaces):
     rest = surfaces[0]
     for pattern in ("checks", "noise"):
