@@ -143,7 +143,7 @@ def resolve_inputs(req: GenRequest) -> tuple[Any, list[Any], dict[str, Any], dic
     if req.shard_size < 1:
         raise GenerationError(f"--shard-size {req.shard_size}: expected a positive number of samples")
     backgrounds = list_folder_files(req.backgrounds, "--backgrounds")
-    poses = list_pose_files(req.poses)
+    poses = list_pose_files(req.poses or getattr(config.pose, "poses_glob", None))
     try:
         body = load_body_model(req.body_model)
     except BodyModelError as e:

@@ -198,6 +198,7 @@ def test_manifest_records_how_the_dataset_was_made(tiny_dataset):
         (["--identities", "/nonexistent/people.yaml"], "people.yaml"),
         (["--body-model", "/nonexistent/body.npz"], "body.npz: body model file not found"),
         (["--colour", "red"], "No such option"),
+        (["--poses", "/nonexistent/*.npz"], "poses /nonexistent/*.npz: matches no files"),
     ],
 )
 def test_bad_input_gives_a_one_line_error(tmp_path, extra, message):
