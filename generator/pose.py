@@ -411,6 +411,7 @@ CAPSULES: tuple[tuple[str, str, str, str], ...] = (
     ("r_shin", "right_knee", "right_ankle", "right_lower_leg"),
     ("l_foot", "left_ankle", "left_foot", "left_foot"),
     ("r_foot", "right_ankle", "right_foot", "right_foot"),
+    ("head", "head", "crown", "head"),
 )
 _CAP = {c[0]: k for k, c in enumerate(CAPSULES)}
 # Pairs of non-adjacent capsules that must not overlap.
@@ -431,13 +432,24 @@ COLLISION_PAIRS: tuple[tuple[str, str], ...] = (
     ("r_foot", "l_shin"),
     ("l_upper_arm", "r_forearm"),
     ("r_upper_arm", "l_forearm"),
+    ("l_forearm", "head"),
+    ("r_forearm", "head"),
 )
 _PAIR_IDX = np.array([(_CAP[a], _CAP[b]) for a, b in COLLISION_PAIRS])
-_CAP_JOINTS = np.array([(J[a], J[b]) for _, a, b, _ in CAPSULES])
+# Capsule end points index the 24 joints plus one virtual point carried by the head joint: the crown (the
+# centre of the upper skull), so the head gets a capsule of its own.
+CROWN = NUM_JOINTS
+_POINT = {**J, "crown": CROWN}
+_CAP_JOINTS = np.array([(_POINT[a], _POINT[b]) for _, a, b, _ in CAPSULES])
 
 
 def forward_kinematics(pose: np.ndarray, rest_joints: np.ndarray) -> np.ndarray:
     """Posed joints (24, 3) of an axis-angle pose (72,) about the rest joints (root kept in place)."""
+    return _kinematics(pose, rest_joints)[0]
+
+
+def _kinematics(pose: np.ndarray, rest_joints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Posed joint positions (24, 3) and world rotations (24, 3, 3)."""
     rot = Rotation.from_rotvec(np.asarray(pose, float).reshape(NUM_JOINTS, 3)).as_matrix()
     glob_r = np.zeros_like(rot)
     posed = np.zeros((NUM_JOINTS, 3))
@@ -447,7 +459,15 @@ def forward_kinematics(pose: np.ndarray, rest_joints: np.ndarray) -> np.ndarray:
         p = PARENTS[k]
         glob_r[k] = glob_r[p] @ rot[k]
         posed[k] = posed[p] + glob_r[p] @ (rest_joints[k] - rest_joints[p])
-    return posed
+    return posed, glob_r
+
+
+def capsule_points(pose: np.ndarray, rest_points: np.ndarray) -> np.ndarray:
+    """(25, 3) posed capsule end points: the 24 joints and the crown, which moves rigidly with the head."""
+    posed, glob_r = _kinematics(pose, rest_points[:NUM_JOINTS])
+    head = J["head"]
+    crown = posed[head] + glob_r[head] @ (rest_points[CROWN] - rest_points[head])
+    return np.concatenate([posed, crown[None]])
 
 
 def segment_distances(p0, p1, q0, q1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -477,16 +497,27 @@ class BodyGeometry:
 
     rest_joints: np.ndarray  # (24, 3)
     radii: np.ndarray  # (n_capsules, 2) radius at the start and end joint, metres
+    rest_points: np.ndarray  # (25, 3) the rest joints and the crown
+
+
+def crown_point(rest_vertices: np.ndarray, vertex_parts: np.ndarray, rest_joints: np.ndarray) -> np.ndarray:
+    """Rest position of the crown: the centroid of the head vertices in the upper half of the skull."""
+    head = rest_vertices[vertex_parts == PART_ID["head"]]
+    base = rest_joints[J["head"], 1]
+    if len(head) == 0:
+        return rest_joints[J["head"]] + (0.0, 0.1, 0.0)
+    upper = head[head[:, 1] > base + 0.5 * (head[:, 1].max() - base)]
+    return upper.mean(axis=0) if len(upper) else head.mean(axis=0)
 
 
 def capsule_radii(
-    rest_vertices: np.ndarray, vertex_parts: np.ndarray, rest_joints: np.ndarray, percentile: float
+    rest_vertices: np.ndarray, vertex_parts: np.ndarray, rest_points: np.ndarray, percentile: float
 ) -> np.ndarray:
     """(n_capsules, 2) radii at both ends of each capsule from the distances of the part's rest vertices to
     its bone segment (a low percentile, so that a flattened torso or a muscle bulge does not inflate it)."""
     radii = np.zeros((len(CAPSULES), 2))
     for k, (_, ja, jb, part) in enumerate(CAPSULES):
-        a, b = rest_joints[J[ja]], rest_joints[J[jb]]
+        a, b = rest_points[_POINT[ja]], rest_points[_POINT[jb]]
         v = rest_vertices[vertex_parts == PART_ID[part]]
         d = b - a
         t = np.clip(((v - a) @ d) / max(float(d @ d), 1e-12), 0, 1)
@@ -497,9 +528,10 @@ def capsule_radii(
     return radii
 
 
-def capsule_overlaps(posed_joints: np.ndarray, radii: np.ndarray, slack_m: float) -> np.ndarray:
-    """(n_pairs,) overlap depth in metres (> 0 = interpenetrating) of each collision pair."""
-    ends = posed_joints[_CAP_JOINTS]  # (n_caps, 2, 3)
+def capsule_overlaps(posed_points: np.ndarray, radii: np.ndarray, slack_m: float) -> np.ndarray:
+    """(n_pairs,) overlap depth in metres (> 0 = interpenetrating) of each collision pair, from the posed
+    capsule end points (25, 3) of `capsule_points`."""
+    ends = posed_points[_CAP_JOINTS]  # (n_caps, 2, 3)
     a, b = _PAIR_IDX[:, 0], _PAIR_IDX[:, 1]
     dist, s, t = segment_distances(ends[a, 0], ends[a, 1], ends[b, 0], ends[b, 1])
     ra = radii[a, 0] + (radii[a, 1] - radii[a, 0]) * s
@@ -685,10 +717,10 @@ class PosePrior:
         if geo is None:
             rest_v = _to_numpy(self.body.rest_vertices(betas[None]))
             rest_j = _rest_joints(self.body, betas, rest_v)
-            radii = capsule_radii(
-                rest_v, np.asarray(self.body.vertex_parts), rest_j, self.config.capsule_radius_percentile
-            )
-            geo = BodyGeometry(rest_j, radii)
+            parts = np.asarray(self.body.vertex_parts)
+            points = np.concatenate([rest_j, crown_point(rest_v, parts, rest_j)[None]])
+            radii = capsule_radii(rest_v, parts, points, self.config.capsule_radius_percentile)
+            geo = BodyGeometry(rest_j, radii, points)
             if len(self._geometry_cache) > 512:
                 self._geometry_cache.clear()
             self._geometry_cache[key] = geo
@@ -697,7 +729,7 @@ class PosePrior:
     def interpenetrates(self, pose: np.ndarray, betas: np.ndarray) -> bool:
         """Do any two non-adjacent limb capsules of this body in this pose overlap?"""
         geo = self.geometry(betas)
-        posed = forward_kinematics(pose, geo.rest_joints)
+        posed = capsule_points(pose, geo.rest_points)
         return bool(np.any(capsule_overlaps(posed, geo.radii, self.config.contact_slack_m) > 0))
 
     # -- sampling -------------------------------------------------------------------------------------------

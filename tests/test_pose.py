@@ -8,12 +8,15 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from generator.pose import (
+    COLLISION_PAIRS,
     GAIT_LIBRARY_PHASES,
     JOINT_LIMITS_DEG,
     MIRROR_JOINT,
     J,
     PoseConfig,
     PosePrior,
+    capsule_overlaps,
+    capsule_points,
     euler_to_axis_angle,
     forward_kinematics,
     key_pose_library,
@@ -134,6 +137,23 @@ def test_collision_test_rejects_forearm_through_torso_and_crossed_legs(prior):
     assert prior.interpenetrates(euler_to_axis_angle(e), BETAS)
     relaxed = next(p for p in prior.library if p.name == "relaxed")
     assert not prior.interpenetrates(euler_to_axis_angle(relaxed.euler), BETAS)
+
+
+def test_collision_test_rejects_forearm_through_head(prior):
+    e = np.zeros((24, 3))
+    e[J["left_shoulder"]] = (-90, -20, 70)  # upper arm raised, forearm folded down onto the head
+    e[J["left_elbow"]] = (0, -120, 0)
+    pose = euler_to_axis_angle(e)
+    geo = prior.geometry(BETAS)
+    overlaps = dict(
+        zip(
+            COLLISION_PAIRS,
+            capsule_overlaps(capsule_points(pose, geo.rest_points), geo.radii, 0.012),
+            strict=True,
+        )
+    )
+    assert overlaps[("l_forearm", "head")] > 0.01
+    assert prior.interpenetrates(pose, BETAS)
 
 
 def test_yaw_spans_the_configured_range(body):
