@@ -263,8 +263,8 @@ class BlenderRenderer:
             cy.denoising_input_passes = "RGB"
         cy.pixel_filter_type = "BLACKMAN_HARRIS"
         cy.filter_width = float(getattr(s, "filter_width", 1.5))
-        cy.max_bounces = 4
-        cy.diffuse_bounces = 2
+        cy.max_bounces = 3  # one diffuse bounce lights the person from the ground; more costs without showing
+        cy.diffuse_bounces = 1
         cy.glossy_bounces = 1
         cy.transmission_bounces = 0
         cy.volume_bounces = 0
@@ -429,6 +429,8 @@ class BlenderRenderer:
             mat.pass_index = OCCLUDER
             mat.use_nodes = True
             bsdf = mat.node_tree.nodes["Principled BSDF"]
+            bsdf.inputs["Roughness"].default_value = 0.7
+            bsdf.inputs["Specular IOR Level"].default_value = 0.3
             objs = {}
             for shape in OCCLUDER_SHAPES:
                 mesh = self._unit_shape_mesh(shape, f"occ{i}_{shape}")

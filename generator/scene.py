@@ -118,7 +118,7 @@ class SceneConfig:
     occluder_probability: float = 0.3  # chance that a sample has occluders
     occluder_count: tuple[int, int] = (1, 2)  # how many, inclusive (the renderer pools OCCLUDER_POOL_SIZE)
     occluder_shapes: tuple[str, ...] = OCCLUDER_SHAPES
-    occluder_size: Range = (0.2, 0.5)  # size, fraction of the person's height as seen from the camera
+    occluder_size: Range = (0.15, 0.35)  # size, fraction of the person's height as seen from the camera
     occluder_depth: Range = (0.3, 0.8)  # position along camera -> person, fraction of the distance
     occluder_offset: Range = (
         0.4,
@@ -567,7 +567,7 @@ def sample_occluders(
         center_cam = ray * depth
         center = camera.R.T @ (center_cam - camera.t)
         size_m = _uniform(rng, config.occluder_size) * (hi[1] - lo[1]) * depth / f
-        aspect = rng.uniform(0.5, 1.5, 3)
+        aspect = rng.uniform(0.6, 1.4, 3)
         shape = str(_choice(rng, config.occluder_shapes))
         if shape == "sphere":
             aspect = np.ones(3)
