@@ -21,6 +21,7 @@ from protoreg import storage
 
 CARD_NAME = "DATASET.md"
 SHEET_NAME = "contact-sheet.png"
+HF_FEATURES_NAME = "hf-features.json"  # column types for Hugging Face datasets
 SHEET_SAMPLES = 8
 DEFAULT_BODY_FACTS = Path(__file__).resolve().parents[1] / "blender_assets" / "bodies" / "anny_smpl.json"
 SOFTWARE = ("protoreg", "bpy", "numpy", "webdataset", "torch")
@@ -88,6 +89,19 @@ def render_card(manifest: dict[str, Any], root: str, has_sheet: bool) -> str:
     body = manifest.get("body_model", {})
     gen = manifest.get("generator", {})
     pattern = f"{root.rstrip('/')}/{shard_pattern(manifest)}"
+    if storage.scheme(root) == "s3":
+        pattern = f"pipe:aws s3 cp {pattern} -"  # plain webdataset streams s3 objects through a pipe
+    local = root.rstrip("/") if not storage.is_remote(root) else "./" + root.rstrip("/").rsplit("/", 1)[-1]
+    copy_note = (
+        [
+            f"The dataset lives at `{root}`; webdataset and train-from-shards stream it from there. wids and "
+            f"Hugging Face datasets read a local copy: `aws s3 sync {root} {local}` (S3) or "
+            f"`wget -r -np -nH {root}/` (HTTP).",
+            "",
+        ]
+        if storage.is_remote(root)
+        else []
+    )
     lines = [
         f"# Dataset `{Path(root.rstrip('/')).name}`",
         "",
@@ -170,6 +184,7 @@ def render_card(manifest: dict[str, Any], root: str, has_sheet: bool) -> str:
         "",
         "## How to load it",
         "",
+        *copy_note,
         "Plain webdataset (nothing is unpickled: only the listed entries are decoded):",
         "",
         "```python",
@@ -186,19 +201,22 @@ def render_card(manifest: dict[str, Any], root: str, has_sheet: bool) -> str:
         f"ds = wds.WebDataset('{pattern}', shardshuffle=False).map(decode)",
         "```",
         "",
-        "Random access with `wids` (local copy of the folder):",
+        "Random access with `wids` through the index:",
         "",
         "```python",
         "import wids",
-        f"ds = wids.ShardListDataset('{ds.WIDS_INDEX_NAME}')  # keys keep the leading '.': '.rgb.jpg'",
+        f"ds = wids.ShardListDataset('{local}/{ds.WIDS_INDEX_NAME}')  # keys: '.rgb.jpg', ...",
         "```",
         "",
-        "Hugging Face datasets:",
+        f"Hugging Face datasets (`{HF_FEATURES_NAME}` gives the column types, so samples whose json fills a "
+        "field that the first samples leave empty still load):",
         "",
         "```python",
-        "from datasets import load_dataset",
-        f"files = {{'train': '{root.rstrip('/')}/shard-*.tar'}}",
-        "ds = load_dataset('webdataset', data_files=files, split='train')",
+        "import glob, json",
+        "from datasets import Features, load_dataset",
+        f"features = Features.from_dict(json.load(open('{local}/{HF_FEATURES_NAME}')))",
+        f"files = {{'train': sorted(glob.glob('{local}/shard-*.tar'))}}",
+        "ds = load_dataset('webdataset', data_files=files, features=features, split='train')",
         "```",
         "",
         "protoreg:",
@@ -212,29 +230,77 @@ def render_card(manifest: dict[str, Any], root: str, has_sheet: bool) -> str:
 
 
 def _first_samples(location: DatasetLocation, manifest: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    """Decoded first samples of the first shard (downloaded when remote)."""
+    """The first n decoded samples of the first shard (downloaded when remote)."""
     from generator.write import iter_tar_samples
 
     if not manifest["shards"]:
         return []
     name = manifest["shards"][0]["name"]
+    samples = []
     with tempfile.TemporaryDirectory(prefix="protoreg-card-") as tmp:
         path = Path(location.url(name)) if not location.remote else Path(tmp) / name
         if location.remote:
             location.download(name, path)
-        out = []
         for raw in iter_tar_samples(path):
-            out.append(ds.decode_sample(raw))
-            if len(out) >= n:
+            samples.append(ds.decode_sample(raw))
+            if len(samples) >= n:
                 break
-    return out
+    return samples
 
 
-def write_contact_sheet(location: DatasetLocation, manifest: dict[str, Any]) -> bool:
+def shard_json_entries(path: Path) -> list[dict[str, Any]]:
+    """Every sample's json of a local shard, without reading the image entries."""
+    import tarfile
+
+    with tarfile.open(path, "r:") as tar:
+        return [
+            ds.decode_json(tar.extractfile(m).read()) for m in tar if m.isfile() and m.name.endswith(".json")
+        ]
+
+
+def json_arrow_schema(location: DatasetLocation, manifest: dict[str, Any]) -> Any:
+    """The Arrow type of the json entries, unified over every shard of a local dataset (the first shard
+    of a remote one, to avoid downloading everything: `protoreg finalize` on a local copy widens it)."""
+    import pyarrow as pa
+
+    schema = None
+    with tempfile.TemporaryDirectory(prefix="protoreg-card-") as tmp:
+        for shard in manifest["shards"][: 1 if location.remote else None]:
+            path = Path(location.url(shard["name"])) if not location.remote else Path(tmp) / shard["name"]
+            if location.remote:
+                location.download(shard["name"], path)
+            metas = shard_json_entries(path)
+            if not metas:
+                continue
+            one = pa.Table.from_pylist([{"json": m} for m in metas]).schema
+            schema = one if schema is None else pa.unify_schemas([schema, one], promote_options="permissive")
+    return schema
+
+
+def hf_features(location: DatasetLocation, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """Hugging Face `Features` (as a dict) for its webdataset loader, or None without `datasets`.
+
+    The loader guesses the json column's type from the first 5 samples; a field that is empty there
+    (no area light yet) and filled later then fails to cast. The type unified over the shards avoids it.
+    """
+    try:
+        import datasets
+    except ImportError:
+        return None
+    schema = json_arrow_schema(location, manifest)
+    if schema is None:
+        return None
+    json_type = datasets.Features.from_arrow_schema(schema)["json"]
+    features = {"__key__": datasets.Value("string"), "__url__": datasets.Value("string")}
+    for entry in manifest.get("sample_entries", ds.SAMPLE_ENTRIES):
+        features[entry] = json_type if entry == "json" else datasets.Image()
+    return datasets.Features(features).to_dict()
+
+
+def write_contact_sheet(location: DatasetLocation, manifest: dict[str, Any], samples: list) -> bool:
     """contact-sheet.png from the first samples (inspect's sheet writer); False when there are none."""
     from generator.inspect import contact_sheet, load_vertex_colors
 
-    samples = _first_samples(location, manifest, SHEET_SAMPLES)
     if not samples:
         return False
     buf = io.BytesIO()
@@ -246,6 +312,9 @@ def write_contact_sheet(location: DatasetLocation, manifest: dict[str, Any]) -> 
 def write_dataset_card(location: DatasetLocation, manifest: dict[str, Any] | None = None) -> str:
     """Write DATASET.md (and contact-sheet.png) beside the manifest; returns the card's location."""
     manifest = manifest if manifest is not None else ds.load_manifest(location.root)
-    has_sheet = write_contact_sheet(location, manifest)
+    has_sheet = write_contact_sheet(location, manifest, _first_samples(location, manifest, SHEET_SAMPLES))
+    features = hf_features(location, manifest)
+    if features is not None:
+        location.write_text(HF_FEATURES_NAME, ds.canonical_json(features, indent=1) + "\n")
     location.write_text(CARD_NAME, render_card(manifest, location.root, has_sheet))
     return location.url(CARD_NAME)
