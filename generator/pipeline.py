@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ class GenSummary:
     kept_shards: int
     bytes: int
     seconds: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # summed over workers and samples
 
     @property
     def images_per_second(self) -> float:
@@ -77,7 +78,14 @@ class GenSummary:
             f"({self.bytes / max(self.samples, 1) / 1e3:.1f} kB/sample); rendered {self.rendered_samples} "
             f"samples ({self.rendered_shards} shards, {self.kept_shards} kept) in {self.seconds:.1f} s, "
             f"{self.images_per_second:.2f} images/s"
-        )
+        ) + self.describe_stages()
+
+    def describe_stages(self) -> str:
+        """Worker time per image by stage (why a run is as fast as it is)."""
+        n = max(self.rendered_samples, 1)
+        order = ("describe", "update", "render", "read", "post", "produce", "encode")
+        parts = [f"{k} {1000 * self.stage_seconds[k] / n:.0f}" for k in order if k in self.stage_seconds]
+        return f"; worker ms/image: {', '.join(parts)}" if parts else ""
 
 
 def git_commit() -> str:
@@ -236,7 +244,8 @@ def generate_dataset(req: GenRequest, echo: Callable[[str], None] = print) -> Ge
         poses=req.poses,
         backend=req.backend,
     )
-    rendered = _render_with_progress(job, todo, req.workers, req.progress)
+    stages: dict[str, float] = {}
+    rendered = _render_with_progress(job, todo, req.workers, req.progress, stages)
     remove_stale_temporaries(out_dir, plans)  # writers killed just before this run may have been alive then
     manifest = finalize_dataset(out_dir)
     summary = GenSummary(
@@ -247,11 +256,14 @@ def generate_dataset(req: GenRequest, echo: Callable[[str], None] = print) -> Ge
         kept_shards=len(plans) - len(todo),
         bytes=manifest["totals"]["bytes"],
         seconds=time.perf_counter() - start,
+        stage_seconds=stages,
     )
     return summary
 
 
-def _render_with_progress(job: GenJob, todo: list[ShardPlan], workers: int, progress: bool) -> list[Any]:
+def _render_with_progress(
+    job: GenJob, todo: list[ShardPlan], workers: int, progress: bool, stages: dict[str, float] | None = None
+) -> list[Any]:
     from tqdm import tqdm
 
     total = sum(p.count for p in todo)
@@ -266,4 +278,12 @@ def _render_with_progress(job: GenJob, todo: list[ShardPlan], workers: int, prog
         started.append(_worker)
 
     with tqdm(total=total, unit="img", desc="starting workers", disable=not progress, smoothing=0.1) as bar:
-        return run_workers(job, todo, workers, on_sample=lambda _i: bar.update(1), on_ready=ready)
+
+        def add(timings: dict[str, float]) -> None:
+            for key, value in timings.items():
+                if stages is not None:
+                    stages[key] = stages.get(key, 0.0) + value
+
+        return run_workers(
+            job, todo, workers, on_sample=lambda _i: bar.update(1), on_ready=ready, on_timing=add
+        )

@@ -67,8 +67,13 @@ class BlenderBackend:
     def produce(self, index: int) -> tuple[Any, dict[str, Any]]:
         from generator.sample import describe_sample
 
+        t0 = time.perf_counter()
         spec = describe_sample(index, self.ctx)
+        t1 = time.perf_counter()
         rendered = self.renderer.render(spec)
+        timings = getattr(rendered, "timings", None)
+        if isinstance(timings, dict):
+            timings["describe"] = t1 - t0
         return rendered, spec.metadata()
 
     def close(self) -> None:
@@ -123,6 +128,11 @@ def _silence_stdout() -> None:
         pass
 
 
+def _add_timings(total: dict[str, float], timings: dict[str, float]) -> None:
+    for key, value in timings.items():
+        total[key] = total.get(key, 0.0) + float(value)
+
+
 def worker_main(worker_id: int, parent_pid: int, job: GenJob, tasks: Any, events: Any) -> None:
     """Spawned process entry: build the backend once, then write every shard taken from `tasks`."""
     _die_with_parent(parent_pid)
@@ -145,15 +155,25 @@ def worker_main(worker_id: int, parent_pid: int, job: GenJob, tasks: Any, events
                 break
             plan = ShardPlan(*task)
 
-            def samples(plan: ShardPlan = plan):
-                for i in range(plan.start, plan.stop):
-                    rendered, metadata = backend.produce(i)
-                    yield encode_sample(i, rendered, metadata, settings)
+            stages: dict[str, float] = {}
 
+            def samples(plan: ShardPlan = plan, stages: dict[str, float] = stages):
+                for i in range(plan.start, plan.stop):
+                    t0 = time.perf_counter()
+                    rendered, metadata = backend.produce(i)
+                    t1 = time.perf_counter()
+                    encoded = encode_sample(i, rendered, metadata, settings)
+                    _add_timings(stages, getattr(rendered, "timings", None) or {"produce": t1 - t0})
+                    _add_timings(stages, {"encode": time.perf_counter() - t1})
+                    yield encoded
+
+            t_shard = time.perf_counter()
             record = write_shard(
                 out_dir, plan, samples(), on_sample=lambda i: events.put(("sample", worker_id, i))
             )
+            stages["shard_total"] = time.perf_counter() - t_shard
             events.put(("shard", worker_id, record.to_json()))
+            events.put(("timing", worker_id, stages))
         close = getattr(backend, "close", None)
         if close is not None:
             close()
@@ -178,6 +198,7 @@ def run_workers(
     on_sample: Callable[[int], None] | None = None,
     on_shard: Callable[[ShardRecord], None] | None = None,
     on_ready: Callable[[int], None] | None = None,
+    on_timing: Callable[[dict[str, float]], None] | None = None,
 ) -> list[ShardRecord]:
     """Render and write `plans` with `workers` spawned processes; returns the records in plan order."""
     import multiprocessing as mp
@@ -213,6 +234,8 @@ def run_workers(
                 on_sample(payload)
             elif kind == "ready" and on_ready is not None:
                 on_ready(wid)
+            elif kind == "timing" and on_timing is not None:
+                on_timing(payload)
             elif kind == "shard":
                 record = ShardRecord.from_json(payload)
                 records[record.index] = record
