@@ -126,7 +126,6 @@ def test_sampled_poses_respect_limits_and_look_natural(prior):
 
 def test_collision_test_rejects_forearm_through_torso_and_crossed_legs(prior):
     e = np.zeros((24, 3))
-    e[J["left_shoulder"]] = (0, 0, -95)
     e[J["left_elbow"]] = (0, -150, 0)
     e[J["left_shoulder"]] = (80, -20, -95)  # arm down, twisted so the folded forearm points into the chest
     bad_arm = euler_to_axis_angle(e)
