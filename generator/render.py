@@ -619,17 +619,14 @@ class BlenderRenderer:
             sub = 0
             while inp.seek_subimage(sub, 0):
                 spec = inp.spec()
-                pixels = inp.read_image(sub, 0, 0, spec.nchannels, self.oiio.FLOAT)
-                names = list(spec.channelnames)
-                for c, name in enumerate(names):
-                    parts = name.split(".")
-                    key = parts[-2] if len(parts) >= 2 else parts[0]
-                    passes.setdefault(key, [])
-                    passes[key].append(pixels[..., c])
+                # One pass per part; channels are named "<layer>.<pass>.<channel>".
+                name = spec.channelnames[0].split(".")
+                key = name[-2] if len(name) >= 2 else name[0]
+                passes[key] = inp.read_image(sub, 0, 0, spec.nchannels, self.oiio.FLOAT)
                 sub += 1
         finally:
             inp.close()
-        return {k: np.stack(v, axis=-1) for k, v in passes.items()}
+        return passes
 
     def _correspondence(
         self,
@@ -646,11 +643,13 @@ class BlenderRenderer:
         on_body = body_px & (objects == OBJECT_BODY)
         on_shell = body_px & (objects == OBJECT_SHELL)
         if on_body.any():
-            tree = cKDTree(np.asarray(spec.posed_vertices, dtype=np.float64))
+            tree = cKDTree(
+                np.asarray(spec.posed_vertices, np.float64), balanced_tree=False, compact_nodes=False
+            )
             dist, idx = tree.query(world[on_body], distance_upper_bound=self.vid_max_distance)
             self._keep(vid, on_body, parts, dist, idx, np.arange(self.num_vertices))
         if on_shell.any() and len(shell_verts):
-            tree = cKDTree(np.asarray(shell_verts, dtype=np.float64))
+            tree = cKDTree(np.asarray(shell_verts, np.float64), balanced_tree=False, compact_nodes=False)
             dist, idx = tree.query(world[on_shell], distance_upper_bound=self.vid_max_distance)
             self._keep(vid, on_shell, parts, dist, idx, shell_source)
         return vid
@@ -670,6 +669,12 @@ class BlenderRenderer:
         ok = found & (self.vertex_parts[body_idx] == parts[mask])
         values = np.where(ok, body_idx + 1, 0).astype(np.uint16)
         vid[mask] = values
+
+    @staticmethod
+    def _body_frame(position: np.ndarray) -> np.ndarray:
+        """Position pass (Blender's z-up world) -> (H, W, 3) float64 points in the body's y-up frame."""
+        x, y, z = (position[..., k].astype(np.float64) for k in range(3))
+        return np.stack([x, z, -y], axis=-1)  # inverse of AXES: (x, y, z) -> (x, -z, y)
 
     def render(self, spec: SampleSpec) -> RenderedSample:
         """Render one sample: update the scene, render once, read the passes, derive labels and vid."""
@@ -698,14 +703,17 @@ class BlenderRenderer:
         parts = np.rint(passes["Material Index"][..., 0]).astype(np.int64)
         parts = np.clip(parts, 0, OCCLUDER).astype(np.uint8)
         objects = np.rint(passes["Object Index"][..., 0]).astype(np.int64)
-        world = (
-            passes["Position"][..., :3].astype(np.float64) @ AXES
-        )  # Blender -> body frame (AXES^-1 = AXES^T)
+        world = self._body_frame(passes["Position"])
         vid = self._correspondence(spec, parts, objects, world, shell_verts, shell_source)
         depth = None
         if getattr(self.settings, "write_depth", False):
             cam = spec.scene.camera
-            z = world @ cam.R[2] + cam.t[2]
+            z = (
+                world[..., 0] * cam.R[2, 0]
+                + world[..., 1] * cam.R[2, 1]
+                + world[..., 2] * cam.R[2, 2]
+                + cam.t[2]
+            )
             hit = np.any(passes["Position"][..., :3] != 0.0, axis=-1)  # the sky has no position
             depth = np.where(hit, z, 0.0).astype(np.float32)
         t4 = time.perf_counter()

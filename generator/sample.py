@@ -206,11 +206,18 @@ def pose_vertices(body: Any, identity: Any, rest: np.ndarray, pose: np.ndarray) 
 
 
 def vertex_normals(body: Any, vertices: np.ndarray) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        n = body.vertex_normals(torch.as_tensor(np.asarray(vertices, dtype=np.float32)[None]))
-    return _np(n)[0].astype(np.float32)
+    """(V, 3) float32 unit normals, each the area-weighted mean of its faces' normals (as the body's own
+    `vertex_normals`), in numpy: bincount sums are several times faster than a scatter-add per sample."""
+    faces = np.asarray(body.faces)
+    v = np.asarray(vertices, dtype=np.float64)
+    v0, v1, v2 = v[faces[:, 0]], v[faces[:, 1]], v[faces[:, 2]]
+    face_n = np.cross(v1 - v0, v2 - v0)
+    n = len(v)
+    out = np.empty((n, 3))
+    for c in range(3):
+        out[:, c] = sum(np.bincount(faces[:, k], weights=face_n[:, c], minlength=n) for k in range(3))
+    length = np.linalg.norm(out, axis=1, keepdims=True)
+    return (out / np.maximum(length, 1e-12)).astype(np.float32)
 
 
 def framing_vertices(posed_vertices: np.ndarray, dressed: Any) -> np.ndarray:

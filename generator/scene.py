@@ -333,10 +333,21 @@ def look_at_rotation(position: np.ndarray, target: np.ndarray, roll_deg: float) 
     return roll @ R
 
 
-def _project_full(points: np.ndarray, R: np.ndarray, t: np.ndarray, K: np.ndarray) -> np.ndarray:
-    cam = points @ R.T + t
-    uvw = cam @ K.T
-    return uvw[:, :2] / uvw[:, 2:3]
+def _min_max(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column min and max of (N, D) points (numpy reduces a transposed copy far faster)."""
+    cols = np.ascontiguousarray(np.asarray(points).T)
+    return cols.min(axis=1), cols.max(axis=1)
+
+
+def _project_columns(points_t: np.ndarray, R: np.ndarray, t: np.ndarray, K: np.ndarray):
+    """(3, N) world points -> (2, N) pixel coordinates and (N,) depths."""
+    M, b = K @ R, K @ t
+    x, y, z = points_t
+    # Written out: a (3, 3) x (3, N) product through BLAS costs far more than these nine axpys.
+    w = M[2, 0] * x + M[2, 1] * y + M[2, 2] * z + b[2]
+    u = (M[0, 0] * x + M[0, 1] * y + M[0, 2] * z + b[0]) / w
+    v = (M[1, 0] * x + M[1, 1] * y + M[1, 2] * z + b[1]) / w
+    return np.stack([u, v]), R[2, 0] * x + R[2, 1] * y + R[2, 2] * z + t[2]
 
 
 def _full_intrinsics(focal_mm: float, config: SceneConfig) -> np.ndarray:
@@ -348,8 +359,8 @@ def _full_intrinsics(focal_mm: float, config: SceneConfig) -> np.ndarray:
 def _crop_box(
     rng: np.random.Generator, uv: np.ndarray, config: SceneConfig, width: int, height: int
 ) -> np.ndarray:
-    """Box (x0, y0, x1, y1, pixel edges) of the output aspect ratio around the projected person."""
-    lo, hi = uv.min(axis=0) - 0.5, uv.max(axis=0) + 0.5
+    """Box (x0, y0, x1, y1, pixel edges) of the output aspect ratio around the projected person (2, N)."""
+    lo, hi = uv.min(axis=1) - 0.5, uv.max(axis=1) + 0.5
     center = (lo + hi) / 2.0
     aspect = width / height
     box_h = max(hi[1] - lo[1], (hi[0] - lo[0]) / aspect)
@@ -376,7 +387,8 @@ def sample_camera(
     rng: np.random.Generator, config: SceneConfig, width: int, height: int, vertices: np.ndarray
 ) -> CameraSpec:
     """Camera around the person, aimed near its centre, with the crop box framing it."""
-    lo, hi = vertices.min(axis=0), vertices.max(axis=0)
+    points_t = np.ascontiguousarray(np.asarray(vertices, dtype=np.float64).T)
+    lo, hi = points_t.min(axis=1), points_t.max(axis=1)
     center = (lo + hi) / 2.0
     distance = _uniform(rng, config.camera_distance)
     cam_height = _uniform(rng, config.camera_height)
@@ -391,7 +403,7 @@ def sample_camera(
 
     fw, fh = config.full_resolution
     full_K = _full_intrinsics(focal, config)
-    uv = _project_full(vertices, R, t, full_K)
+    uv, _ = _project_columns(points_t, R, t, full_K)
     box = _crop_box(rng, uv, config, width, height)
     # Shorten the lens until the crop fits inside the full view (the crop scales about the principal point).
     cx, cy = full_K[0, 2] + 0.5, full_K[1, 2] + 0.5
@@ -551,8 +563,10 @@ def sample_occluders(
         return []
     n = int(rng.integers(config.occluder_count[0], config.occluder_count[1] + 1))
     n = min(n, OCCLUDER_POOL_SIZE)
-    uv, z = camera.project(vertices)
-    lo, hi = uv.min(axis=0), uv.max(axis=0)
+    uv, z = _project_columns(
+        np.ascontiguousarray(np.asarray(vertices, np.float64).T), camera.R, camera.t, camera.K
+    )
+    lo, hi = uv.min(axis=1), uv.max(axis=1)
     mid, half = (lo + hi) / 2.0, (hi - lo) / 2.0
     person_depth = float(np.median(z))
     f = camera.K[0, 0]
@@ -593,7 +607,8 @@ def sample_scene(
     `settings` is the RenderSettings (output width/height). Draws from `rng` in a fixed order.
     """
     verts = np.asarray(posed_vertices, dtype=np.float64)
-    center = (verts.min(axis=0) + verts.max(axis=0)) / 2.0
+    lo, hi = _min_max(verts)
+    center = (lo + hi) / 2.0
     camera = sample_camera(rng, config, int(settings.width), int(settings.height), verts)
     sun, sky, lights = sample_lighting(rng, config, center)
     background = sample_background(rng, config, camera, center)
