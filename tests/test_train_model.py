@@ -14,7 +14,14 @@ from trainer.config import (
     load_config,
     model_fingerprint,
 )
-from trainer.losses import PixelSample, contrastive_loss, dense_loss, sample_pixels
+from trainer.losses import (
+    PixelSample,
+    contrastive_loss,
+    dense_loss,
+    sample_pixels,
+    similarity_logits,
+    target_points,
+)
 from trainer.models import ImageFeatures, RegistrationNet, count_parameters, knn_graph, neighbour_mean
 from trainer.validation import correspondence_scores, miou
 
@@ -45,6 +52,11 @@ def test_point_embedding_of_a_set_does_not_depend_on_its_batch_mates():
     together = model.encode_points(pts)
     alone = model.encode_points(pts[1:2], neighbours=model.neighbours(pts))
     assert torch.allclose(together[1:2], alone, atol=1e-5)
+    model.set_point_graph(knn_graph(pts.mean(0), 6))  # what training does: one graph for the topology
+    together = model.encode_points(pts)
+    for i in range(3):
+        assert torch.allclose(together[i : i + 1], model.encode_points(pts[i : i + 1]), atol=1e-5)
+    assert model.encode_points(torch.randn(1, 50, 3)).shape == (1, 50, 16)  # other N: own graph
 
 
 def test_knn_graph_is_cached_per_topology_and_mean_aggregation_is_exact():
@@ -79,16 +91,18 @@ def test_contrastive_loss_prefers_same_identity_same_part():
     bad = PixelSample(torch.tensor([0]), point_emb[1, 0:1].clone(), torch.tensor([2]), torch.tensor([-1]))
     t = torch.tensor(0.07)
     rows = torch.tensor([0])
-    assert contrastive_loss(good, rows, point_emb, parts, t) < contrastive_loss(
-        bad, rows, point_emb, parts, t
-    )
+
+    def loss(pix: PixelSample, emb: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
+        return contrastive_loss(similarity_logits(pix, emb, temp), pix, rows, parts)
+
+    assert loss(good, point_emb, t) < loss(bad, point_emb, t)
     # exact value on a hand-computed case: orthogonal embeddings, one positive among 8
     eye = torch.eye(8).view(2, 4, 8)
     pix = PixelSample(torch.tensor([0]), eye[0, 2:3], torch.tensor([2]), torch.tensor([-1]))
     logits = torch.zeros(8)
     logits[2] = 1 / 0.5
     expected = torch.logsumexp(logits, 0) - torch.logsumexp(logits[2:4], 0)
-    assert torch.allclose(contrastive_loss(pix, rows, eye, parts, torch.tensor(0.5)), expected)
+    assert torch.allclose(loss(pix, eye, torch.tensor(0.5)), expected)
 
 
 def test_dense_loss_is_lowest_at_the_true_vertex():
@@ -99,9 +113,13 @@ def test_dense_loss_is_lowest_at_the_true_vertex():
 
     def loss_for(point: int) -> float:
         pix = PixelSample(torch.tensor([0]), emb[0, point : point + 1], torch.tensor([1]), torch.tensor([2]))
-        return float(dense_loss(pix, torch.tensor([0]), emb, xyz, vtp, t, 0.05))
+        target = target_points(pix, vtp, None)
+        return float(dense_loss(similarity_logits(pix, emb, t), pix, torch.tensor([0]), xyz, target, 0.05))
 
     assert loss_for(2) < loss_for(1) and loss_for(2) < loss_for(3)
+    # with only bank points 1 and 2 in use, vertex 2's point is local index 1
+    pix = PixelSample(torch.tensor([0, 0]), emb[0, :2], torch.tensor([1, 1]), torch.tensor([2, 0]))
+    assert target_points(pix, vtp, torch.tensor([1, 2])).tolist() == [1, -1]
 
 
 def test_pixel_sampling_balances_parts_and_skips_invalid():
@@ -138,7 +156,10 @@ def test_checkpoint_roundtrip_with_weights_only_and_refusals(tmp_path):
     raw = torch.load(path, weights_only=True)
     assert raw["model_fingerprint"] == model_fingerprint(TINY) and raw["step"] == 7
     loaded, saved = load_model(path)
-    assert saved["model"]["embed_dim"] == 16 and not loaded.training
+    assert saved["model"]["embed_dim"] == 16 and not loaded.training and loaded.point_graph is None
+    model.set_point_graph(knn_graph(torch.randn(40, 3), 5))
+    loaded2, _ = load_model(save_checkpoint(tmp_path / "g.pt", model, cfg, step=8))
+    assert torch.equal(loaded2.point_graph, model.point_graph)
     x = torch.rand(1, 3, 32, 16)
     assert torch.allclose(loaded.encode_image(x).embeddings, model.eval().encode_image(x).embeddings)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")

@@ -99,6 +99,9 @@ def save_checkpoint(
         "train_fingerprint": fingerprint(training_identity(cfg)),
         "torch_version": str(torch.__version__),
         "extra": extra or {},
+        "point_graph": net.point_graph
+        if net.point_graph is not None
+        else torch.zeros(0, 0, dtype=torch.long),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -157,6 +160,9 @@ def model_from_state(state: dict[str, Any], device: str | torch.device = "cpu") 
         raise CheckpointError("checkpoint: model_fingerprint does not match its model_config")
     model = RegistrationNet(model_cfg)
     model.load_state_dict(state["model"])
+    graph = state.get("point_graph")
+    if graph is not None and graph.numel() > 0:
+        model.set_point_graph(graph)
     return model.to(device).eval()
 
 

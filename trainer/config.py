@@ -47,7 +47,7 @@ class DataConfig:
     batch_size: int = 16
     workers: int = 2  # DataLoader worker processes (0 = in the main process)
     shuffle_buffer: int = 256  # raw samples held for shuffling
-    max_points: int = 2048  # prototype points used per identity (a fixed, strided subset when N is larger)
+    max_points: int = 1024  # prototype points used per identity (a fixed, strided subset when N is larger)
     val_samples: int = 256  # at most this many validation samples per validation
 
 
@@ -78,6 +78,7 @@ class LossConfig:
     w_dense: float = 0.5  # (b) soft vertex targets from vid.png
     w_seg: float = 1.0  # (c) part segmentation cross-entropy
     pixels_per_batch: int = 1024  # foreground pixels sampled for (a) and (b), balanced over parts
+    points_per_identity: int = 512  # prototype points per identity in the similarity matrix (0 = all)
     dense_sigma: float = 0.05  # metres: width of the soft vertex targets in (b)
 
 

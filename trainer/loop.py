@@ -41,7 +41,7 @@ from trainer.data import (
     resolve_spec,
 )
 from trainer.losses import registration_losses
-from trainer.models import RegistrationNet, count_parameters
+from trainer.models import RegistrationNet, count_parameters, knn_graph
 
 METRIC_FIELDS = [
     "step",
@@ -127,6 +127,13 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(
         int(np.random.SeedSequence([seed, rank, step, 0x1055]).generate_state(1)[0])
     )
+
+
+def point_sample(n_points: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """The prototype points (same for every identity) that enter this step's similarity matrix."""
+    if k <= 0 or k >= n_points:
+        return torch.arange(n_points)
+    return torch.randperm(n_points, generator=generator)[:k].sort().values
 
 
 def batch_points(bank: PrototypeBank, identity: torch.Tensor, device: torch.device):
@@ -270,6 +277,7 @@ def train(
         save_config(cfg, out / "config.yaml")
 
     model = RegistrationNet(cfg.model).to(device)
+    model.set_point_graph(knn_graph(bank.points.mean(dim=0), cfg.model.knn))
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     step = 0
@@ -334,19 +342,22 @@ def train(
             pts, nrm, alb, rows = batch_points(bank, batch["identity"], device)
             with autocast:
                 feats, point_emb = net(images, pts, nrm, alb)
+            gen = step_generator(cfg.seed, dist.rank, step)
+            idx = point_sample(bank.num_points, cfg.loss.points_per_identity, gen).to(device)
             terms = registration_losses(
                 feats,
-                point_emb.float(),
-                pts,
-                bank.parts.to(device),
+                point_emb[:, idx].float(),
+                pts[:, idx],
+                bank.parts.to(device)[idx],
                 rows,
                 batch["parts"].to(device),
                 batch["vid"].to(device),
                 batch["valid"].to(device),
                 model.temperature,
                 cfg.loss,
-                step_generator(cfg.seed, dist.rank, step),
+                gen,
                 bank.vertex_to_point,
+                idx,
             )
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()

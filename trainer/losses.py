@@ -75,55 +75,75 @@ def sample_pixels(
     return PixelSample(bi, flat[idx], p.reshape(-1)[idx], v.reshape(-1)[idx] - 1)
 
 
-def contrastive_loss(
-    pix: PixelSample,
-    pix_rows: Tensor,
-    point_emb: Tensor,
-    point_parts: Tensor,
-    temperature: Tensor,
-) -> Tensor:
+def similarity_logits(pix: PixelSample, point_emb: Tensor, temperature: Tensor) -> Tensor:
+    """(M, P, N) cosine similarities / temperature between sampled pixels and every point of every set."""
+    p, n, d = point_emb.shape
+    return (pix.embeddings @ point_emb.reshape(p * n, d).t() / temperature).view(-1, p, n)
+
+
+def contrastive_loss(logits: Tensor, pix: PixelSample, pix_rows: Tensor, point_parts: Tensor) -> Tensor:
     """(a) multi-positive InfoNCE over all points of all identities in the batch.
 
-    pix_rows (M,) = which of the P point sets is the pixel's identity; point_emb (P,N,D); point_parts (N,).
+    logits (M,P,N) from similarity_logits; pix_rows (M,) = which of the P point sets is the pixel's
+    identity; point_parts (N,). Positives: same identity and same part.
     """
-    p, n, d = point_emb.shape
-    logits = pix.embeddings @ point_emb.reshape(p * n, d).t() / temperature  # (M, P*N)
-    same_id = pix_rows[:, None] == torch.arange(p, device=logits.device).repeat_interleave(n)[None]
-    same_part = pix.parts[:, None] == point_parts.repeat(p)[None]
-    pos = same_id & same_part
-    lse_all = torch.logsumexp(logits, dim=1)
-    lse_pos = torch.logsumexp(logits.masked_fill(~pos, float("-inf")), dim=1)
+    m, p, n = logits.shape
+    same_id = pix_rows[:, None, None] == torch.arange(p, device=logits.device)[None, :, None]
+    same_part = pix.parts[:, None, None] == point_parts[None, None, :]
+    flat = logits.reshape(m, p * n)
+    lse_all = torch.logsumexp(flat, dim=1)
+    lse_pos = torch.logsumexp(
+        flat.masked_fill(~(same_id & same_part).reshape(m, p * n), float("-inf")), dim=1
+    )
     return (lse_all - lse_pos).mean()
 
 
 def dense_loss(
+    logits: Tensor,
     pix: PixelSample,
     pix_rows: Tensor,
-    point_emb: Tensor,
     point_xyz: Tensor,
-    vertex_to_point: Tensor | None,
-    temperature: Tensor,
+    target_point: Tensor,
     sigma: float,
 ) -> Tensor:
-    """(b) soft cross-entropy over the pixel's own identity's points, targets by rest-pose distance."""
-    if vertex_to_point is None:
-        return point_emb.sum() * 0
-    known = pix.vertex >= 0
-    vtp = vertex_to_point.to(pix.vertex.device)
-    known &= pix.vertex < len(vtp)
-    target = torch.full_like(pix.vertex, -1)
-    target[known] = vtp[pix.vertex[known]]
-    known &= target >= 0
+    """(b) soft cross-entropy over the pixel's own identity's points, targets by rest-pose distance.
+
+    target_point (M,) = index of the pixel's true point among the N (-1 = unknown, excluded).
+    """
+    known = target_point >= 0
     if not bool(known.any()):
-        return point_emb.sum() * 0
-    rows = pix_rows[known]
-    emb = pix.embeddings[known]  # (K, D)
-    logits = torch.einsum("kd,knd->kn", emb, point_emb[rows]) / temperature  # (K, N)
-    xyz = point_xyz[rows]  # (K, N, 3)
-    true_xyz = xyz[torch.arange(len(rows), device=xyz.device), target[known]]  # (K, 3)
-    d2 = ((xyz - true_xyz[:, None]) ** 2).sum(-1)
-    weights = torch.softmax(-d2 / (2 * sigma**2), dim=1)
-    return -(weights * torch.log_softmax(logits, dim=1)).sum(1).mean()
+        return logits.sum() * 0
+    idx = known.nonzero().squeeze(1)
+    rows = pix_rows[idx]
+    own = logits[idx, rows]  # (K, N): similarities to the pixel's own prototype only
+    with torch.no_grad():
+        xyz = point_xyz[rows]  # (K, N, 3)
+        true_xyz = xyz[torch.arange(len(idx), device=xyz.device), target_point[idx]]
+        d2 = ((xyz - true_xyz[:, None]) ** 2).sum(-1)
+        weights = torch.softmax(-d2 / (2 * sigma**2), dim=1)
+    return -(weights * torch.log_softmax(own, dim=1)).sum(1).mean()
+
+
+def target_points(pix: PixelSample, vertex_to_point: Tensor | None, point_index: Tensor | None) -> Tensor:
+    """(M,) each pixel's true point among the points used this step (-1 when unknown or not among them).
+
+    vertex_to_point (V,) maps body vertices to the bank's points; point_index (N_used,) lists which bank
+    points this step uses (None = all)."""
+    out = torch.full_like(pix.vertex, -1)
+    if vertex_to_point is None:
+        return out
+    vtp = vertex_to_point.to(pix.vertex.device)
+    ok = (pix.vertex >= 0) & (pix.vertex < len(vtp))
+    bank_pt = torch.full_like(pix.vertex, -1)
+    bank_pt[ok] = vtp[pix.vertex[ok]]
+    if point_index is None:
+        return bank_pt
+    n_bank = int(max(int(point_index.max()) + 1, int(bank_pt.max()) + 1, 1))
+    local = torch.full((n_bank,), -1, dtype=torch.long, device=pix.vertex.device)
+    local[point_index.to(pix.vertex.device)] = torch.arange(len(point_index), device=pix.vertex.device)
+    has = bank_pt >= 0
+    out[has] = local[bank_pt[has]]
+    return out
 
 
 def segmentation_loss(feats: ImageFeatures, parts: Tensor, valid: Tensor) -> Tensor:
@@ -146,17 +166,23 @@ def registration_losses(
     cfg: LossConfig,
     generator: torch.Generator,
     vertex_to_point: Tensor | None = None,
+    point_index: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """All terms and their weighted sum ('loss'). sample_rows (B,) = point set of each image's identity."""
+    """All terms and their weighted sum ('loss').
+
+    point_emb / point_xyz (P,N,D)/(P,N,3) and point_parts (N,) are the points used this step (bank points
+    `point_index`, all when None); sample_rows (B,) = point set of each image's identity.
+    """
     pix = sample_pixels(feats, parts, vid, valid, cfg.pixels_per_batch, generator)
     rows = sample_rows[pix.batch]
     zero = point_emb.sum() * 0
-    lc = contrastive_loss(pix, rows, point_emb, point_parts, temperature) if len(rows) else zero
-    ld = (
-        dense_loss(pix, rows, point_emb, point_xyz, vertex_to_point, temperature, cfg.dense_sigma)
-        if len(rows)
-        else zero
-    )
+    if len(rows):
+        logits = similarity_logits(pix, point_emb, temperature)
+        lc = contrastive_loss(logits, pix, rows, point_parts)
+        tgt = target_points(pix, vertex_to_point, point_index)
+        ld = dense_loss(logits, pix, rows, point_xyz, tgt, cfg.dense_sigma)
+    else:
+        lc = ld = zero
     ls = segmentation_loss(feats, parts, valid)
     total = cfg.w_contrast * lc + cfg.w_dense * ld + cfg.w_seg * ls
     return {"loss": total, "contrast": lc, "dense": ld, "seg": ls, "pixels": torch.tensor(float(len(rows)))}
