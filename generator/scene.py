@@ -71,9 +71,8 @@ class SceneConfig:
     camera_roll_deg: Range = (-3.0, 3.0)  # small roll of a hand-held or badly mounted camera
     aim_jitter: float = 0.1  # std (m) of the look-at point around the person's centre
     focal_length_mm: Range = (24.0, 85.0)  # lens focal length on the sensor below
-    min_focal_length_mm: float = (
-        12.0  # a lens is shortened (down to this) until the person fits the full view
-    )
+    # a lens is shortened (down to this) until the crop around the person fits the full view
+    min_focal_length_mm: float = 12.0
     sensor_width_mm: float = 36.0  # full-frame sensor width; square pixels
     full_resolution: tuple[int, int] = (1920, 1080)  # full camera image (W, H) the crop box refers to
     crop_margin: Range = (0.03, 0.12)  # margin on each side of the person's box, fraction of the crop height
@@ -85,11 +84,8 @@ class SceneConfig:
     sun_angle_deg: Range = (0.5, 8.0)  # apparent sun diameter: larger = softer shadows (haze)
     sun_warmth: Range = (0.0, 0.25)  # how far the sun colour goes from white to warm orange
     sky_strength: Range = (0.4, 1.4)  # ambient sky brightness (gradient world)
-    sky_zenith_colors: tuple[Color, ...] = (
-        (0.15, 0.3, 0.8),
-        (0.35, 0.45, 0.7),
-        (0.5, 0.5, 0.55),
-    )  # clear..overcast
+    # sky palettes (linear RGB), clear / hazy / overcast; zenith k goes with horizon k
+    sky_zenith_colors: tuple[Color, ...] = ((0.15, 0.3, 0.8), (0.35, 0.45, 0.7), (0.5, 0.5, 0.55))
     sky_horizon_colors: tuple[Color, ...] = ((0.7, 0.8, 0.95), (0.8, 0.8, 0.8), (0.9, 0.75, 0.6))
     area_light_probability: float = 0.35  # chance of extra area lights (street lamps, windows)
     area_light_count: tuple[int, int] = (1, 2)  # how many, inclusive
@@ -98,12 +94,10 @@ class SceneConfig:
     area_light_distance: Range = (2.0, 5.0)  # from the person's centre (m)
     exposure_ev: Range = (-0.4, 0.4)  # camera exposure change (stops) applied to the linear image
     # --- background ---
-    backgrounds_dir: str | None = (
-        None  # folder of images for the backdrop (--backgrounds); None = procedural only
-    )
-    background_image_probability: float = (
-        1.0  # with backgrounds_dir: share of samples using an image backdrop
-    )
+    # folder of images for the backdrop (--backgrounds); None = procedural backgrounds only
+    backgrounds_dir: str | None = None
+    # with backgrounds_dir: share of samples showing an image backdrop (the rest are procedural)
+    background_image_probability: float = 1.0
     backdrop_probability: float = 0.75  # procedural backdrop wall behind the person (else open ground + sky)
     backdrop_distance: Range = (1.0, 8.0)  # behind the person, along the camera's view (m)
     ground_patterns: tuple[str, ...] = PATTERNS  # solid / noise / checker / brick
@@ -116,14 +110,12 @@ class SceneConfig:
     color_jitter: float = 0.15  # relative per-channel jitter of palette colours
     # --- occluders (label 15) ---
     occluder_probability: float = 0.3  # chance that a sample has occluders
-    occluder_count: tuple[int, int] = (1, 2)  # how many, inclusive (the renderer pools OCCLUDER_POOL_SIZE)
+    occluder_count: tuple[int, int] = (1, 1)  # how many, inclusive (the renderer pools OCCLUDER_POOL_SIZE)
     occluder_shapes: tuple[str, ...] = OCCLUDER_SHAPES
-    occluder_size: Range = (0.15, 0.35)  # size, fraction of the person's height as seen from the camera
+    occluder_size: Range = (0.12, 0.3)  # size, fraction of the person's height as seen from the camera
     occluder_depth: Range = (0.3, 0.8)  # position along camera -> person, fraction of the distance
-    occluder_offset: Range = (
-        0.4,
-        0.9,
-    )  # offset of its centre from the person's centre, fraction of half the box
+    # offset of the occluder's centre from the person's centre, fraction of half the person's box
+    occluder_offset: Range = (0.5, 1.0)
     occluder_palette: tuple[Color, ...] = OCCLUDER_PALETTE
 
 
@@ -514,9 +506,8 @@ def sample_background(
     if not use_image and rng.random() >= config.backdrop_probability:
         return BackgroundSpec(ground=ground, backdrop=None)
     view = center - camera.position
-    view[1] = (
-        0.0 if not use_image else view[1]
-    )  # procedural walls stand upright; image planes face the camera
+    if not use_image:
+        view[1] = 0.0  # procedural walls stand upright; image planes face the camera
     view = view / np.linalg.norm(view)
     wall_center = center + view * _uniform(rng, config.backdrop_distance)
     normal = -view
