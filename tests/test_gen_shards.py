@@ -114,7 +114,7 @@ def test_rerun_after_kill_9_gives_the_uninterrupted_dataset(tiny_dataset, tmp_pa
     )  # fmt: skip
     deadline = time.monotonic() + 240
     try:
-        while not (out / "shard-000000.tar").exists():
+        while not list(out.glob("shard-*.tar")):
             assert proc.poll() is None, "gen-shards ended before its first shard"
             assert time.monotonic() < deadline, "no shard after 240 s"
             time.sleep(0.05)
@@ -122,7 +122,7 @@ def test_rerun_after_kill_9_gives_the_uninterrupted_dataset(tiny_dataset, tmp_pa
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     done_before = set(shard_bytes(out))
-    assert "shard-000000.tar" in done_before and len(done_before) < 3
+    assert 1 <= len(done_before) < 3, done_before
     assert not (out / ds.MANIFEST_NAME).exists()
     result = CliRunner().invoke(gen_shards, args, prog_name="gen-shards")
     assert result.exit_code == 0, result.output
