@@ -334,3 +334,15 @@ def test_config_ranges_stay_tuples(tmp_path):
 def test_shard_plan_record_round_trip(fake_datasets):
     rec = read_record(fake_datasets[1], 2)
     assert rec.first_sample == 16 and rec.count == 4 and rec.name == ShardPlan(2, 16, 20).name
+
+
+def test_the_stored_config_reloads_from_yaml_to_the_same_config(tmp_path):
+    """manifest.json's config, written out as YAML, gives back the same GenConfig (reproducible runs)."""
+    from generator.config import dump_config
+
+    cfg = small_config()
+    cfg.render.samples = 3
+    path = tmp_path / "stored.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+    assert load_config(path).to_dict() == cfg.to_dict()
