@@ -46,3 +46,12 @@ class FakeBackend:
             "occluders": [],
         }
         return FakeRendered(rgb, parts, vid, np.full((h, w), 2.5, np.float32)), meta
+
+
+class FailingBackend(FakeBackend):
+    """Raises while producing sample 5: a renderer crash must surface as an error, not a hang."""
+
+    def produce(self, index: int):
+        if index == 5:
+            raise RuntimeError("boom at sample 5")
+        return super().produce(index)

@@ -346,3 +346,15 @@ def test_the_stored_config_reloads_from_yaml_to_the_same_config(tmp_path):
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
     assert load_config(path).to_dict() == cfg.to_dict()
+
+
+def test_a_failing_worker_is_an_error_and_leaves_no_partial_shard(body_file, tmp_path):
+    from generator.workers import WorkerError
+
+    d = tmp_path / "fails"
+    with pytest.raises(WorkerError, match="boom at sample 5"):
+        generate_dataset(
+            request(d, body_file, backend="tests.fake_backend:FailingBackend"), echo=lambda _m: None
+        )
+    assert not list(d.glob("shard-000000.tar*"))
+    assert not (d / ds.MANIFEST_NAME).exists()
