@@ -279,6 +279,9 @@ class BlenderRenderer:
         sc.render.resolution_y = int(s.height)
         sc.render.resolution_percentage = 100
         sc.render.film_transparent = False
+        # Background photos never need more than 1024 pixels across in a person crop: cap their memory.
+        sc.render.use_simplify = True
+        cy.texture_limit_render = "1024"
         sc.render.use_file_extension = False
         sc.render.filepath = self.exr_path
         ims = sc.render.image_settings
@@ -558,9 +561,11 @@ class BlenderRenderer:
         if image is None:
             try:
                 image = bpy.data.images.load(path, check_existing=False)
-                image.pixels[0]  # force the load now, so a broken file fails here
-            except (RuntimeError, IndexError) as e:
+            except RuntimeError as e:
                 raise RenderError(f"background image {path}: cannot be read ({e})") from None
+            if image.size[0] == 0 or image.size[1] == 0:  # asking for the size loads the pixels
+                bpy.data.images.remove(image)
+                raise RenderError(f"background image {path}: cannot be decoded (expected an image file)")
             self._images[path] = image
             while len(self._images) > IMAGE_CACHE_SIZE:
                 oldest = next(iter(self._images))

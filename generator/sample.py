@@ -18,6 +18,7 @@ import numpy as np
 from generator.scene import SceneSpec, jsonable, sample_scene
 
 CYCLES_SEED_MODULUS = 2**31
+REST_CACHE_SIZE = 256  # identities whose rest vertices GenContext keeps (about 330 kB each)
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -185,6 +186,8 @@ class GenContext:
         if key not in self._rest:
             from protoreg.prototypes import identity_rest_vertices
 
+            if len(self._rest) >= REST_CACHE_SIZE:  # bounded: runs may hold many thousands of identities
+                self._rest.pop(next(iter(self._rest)))
             self._rest[key] = identity_rest_vertices(identity, self.body, self._bodies)
         return self._rest[key]
 
