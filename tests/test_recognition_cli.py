@@ -31,6 +31,17 @@ def make_checkpoint(path: Path, model_cfg: ModelConfig = TINY, seed: int = 0) ->
     return save_checkpoint(path, RegistrationNet(model_cfg), cfg, step=0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: several times faster than two when other jobs share the 2 cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("reccli")
