@@ -211,6 +211,8 @@ class BlenderRenderer:
         self.faces = np.asarray(body.faces, dtype=np.int64)
         self.vertex_parts = np.asarray(body.vertex_parts, dtype=np.uint8)
         self.num_vertices = int(self.vertex_parts.shape[0])
+        if self.num_vertices >= 2**16 - 1:
+            raise ValueError(f"body: {self.num_vertices} vertices; vid.png's 16 bits hold at most 65534")
         self.vid_max_distance = max(VID_MAX_DISTANCE, self._coarse_mesh_threshold())
         base = tmp_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp")
         self.exr_path = os.path.join(base, f"protoreg-render-{os.getpid()}-{id(self):x}.exr")
