@@ -70,7 +70,7 @@ class SampleSpec:
         return {
             "index": int(self.index),
             "seed": int(self.seed),
-            "identity": {"name": ident.name, "id": int(ident.id)},
+            "identity": _identity_json(ident),
             "betas": jsonable(np.asarray(self.betas, dtype=np.float64)),
             "pose": jsonable(np.asarray(self.pose, dtype=np.float64)),
             "transl": jsonable(np.asarray(self.transl, dtype=np.float64)),
@@ -85,24 +85,35 @@ class SampleSpec:
                 "full_K": jsonable(cam.full_K),
                 "full_width": int(cam.full_width),
                 "full_height": int(cam.full_height),
-                "focal_length_mm": float(cam.focal_length_mm),
-                "sensor_width_mm": float(cam.sensor_width_mm),
+                "focal_length_mm": jsonable(float(cam.focal_length_mm)),
+                "sensor_width_mm": jsonable(float(cam.sensor_width_mm)),
                 "position": jsonable(cam.position),
-                "distance": float(cam.distance),
-                "height_above_ground": float(cam.height_above_ground),
-                "azimuth_deg": float(cam.azimuth_deg),
+                "distance": jsonable(float(cam.distance)),
+                "height_above_ground": jsonable(float(cam.height_above_ground)),
+                "azimuth_deg": jsonable(float(cam.azimuth_deg)),
             },
             "lighting": {
                 "sun": jsonable(self.scene.sun),
                 "sky": jsonable(self.scene.sky),
                 "area_lights": jsonable(self.scene.area_lights),
-                "exposure_ev": float(self.scene.exposure_ev),
+                "exposure_ev": jsonable(float(self.scene.exposure_ev)),
             },
             "garments": _outfit_json(self.outfit),
             "shells": len(getattr(self.dressed, "shells", []) or []),
             "background": _background_json(self.scene),
             "occluders": jsonable(self.scene.occluders),
         }
+
+
+def _identity_json(ident: Any) -> dict[str, Any]:
+    """Name and id; for people enrolled with their own mesh or body file, which one (by file name), since
+    betas alone do not reproduce their surface."""
+    out: dict[str, Any] = {"name": ident.name, "id": int(ident.id)}
+    for key in ("mesh", "body_model"):
+        value = getattr(ident, key, None)
+        if value is not None:
+            out[key] = Path(value).name
+    return out
 
 
 def _background_json(scene: SceneSpec) -> dict[str, Any]:

@@ -262,7 +262,7 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return jsonable(obj.tolist())
     if isinstance(obj, np.generic):
-        return obj.item()
+        return jsonable(obj.item())
     if isinstance(obj, float):
         return round(obj, 7)
     return obj
