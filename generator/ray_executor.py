@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 from generator.workers import GenJob, WorkerError
 from generator.write import ShardPlan, ShardRecord
 
+FORWARDED_ENV = ("PROTOREG_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
 MAX_RETRIES = 2  # a Ray task is re-run this often when its worker or node dies, or Blender fails
 
 
@@ -50,10 +52,15 @@ def start_ray(address: str | None, num_cpus: int) -> bool:
 
     if ray.is_initialized():
         return False
+    # Tasks upload to the same S3-compatible endpoint as the driver; credentials stay with each node.
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    runtime_env = {"env_vars": env} if env else None
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(
+            num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env
+        )
     return True
 
 
