@@ -28,8 +28,8 @@ class ModelConfig:
     """Architecture of RegistrationNet. Its hash is the model fingerprint galleries check."""
 
     embed_dim: int = 32  # D: size of pixel and point embeddings
-    widths: tuple[int, ...] = (16, 32, 64, 96)  # image encoder channels at strides 2, 4, 8, 16
-    decoder_width: int = 48  # channels of the stride-4 decoder
+    widths: tuple[int, ...] = (16, 24, 48, 64)  # image encoder channels at strides 2, 4, 8, 16
+    decoder_width: int = 32  # channels of the stride-4 decoder
     point_widths: tuple[int, ...] = (32, 64, 64)  # edge-conv layer widths of the point encoder
     point_global: int = 128  # width of the point set's global (identity-level) descriptor
     knn: int = 12  # neighbours per point in the static graph

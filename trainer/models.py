@@ -163,26 +163,27 @@ class EdgeLayer(nn.Module):
 
 
 class PointEncoder(nn.Module):
+    """Per-point input MLP, static-graph edge layers, then a head that sees the point's multi-scale local
+    features plus the set's global descriptor (max-pooled, projected once per set, not per point)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         cin = 3 + (3 if cfg.use_normals else 0) + (3 if cfg.use_albedo else 0)
         self.cfg = cfg
-        self.input = nn.Sequential(
-            nn.Linear(cin, cfg.point_widths[0]), nn.LayerNorm(cfg.point_widths[0]), nn.ReLU()
-        )
-        layers, c = [], cfg.point_widths[0]
+        w0 = cfg.point_widths[0]
+        self.input = nn.Sequential(nn.Linear(cin, w0), nn.LayerNorm(w0), nn.ReLU())
+        layers, c = [], w0
         for w in cfg.point_widths:
             layers.append(EdgeLayer(c, w))
             c = w
         self.layers = nn.ModuleList(layers)
         cat = sum(cfg.point_widths)
-        self.global_proj = nn.Sequential(nn.Linear(cat, cfg.point_global), nn.ReLU())
-        self.head = nn.Sequential(
-            nn.Linear(cat + cfg.point_global, 2 * cfg.embed_dim),
-            nn.LayerNorm(2 * cfg.embed_dim),
-            nn.ReLU(),
-            nn.Linear(2 * cfg.embed_dim, cfg.embed_dim),
+        hidden = 2 * cfg.embed_dim
+        self.global_proj = nn.Sequential(
+            nn.Linear(cat, cfg.point_global), nn.ReLU(), nn.Linear(cfg.point_global, hidden)
         )
+        self.local_proj = nn.Linear(cat, hidden)
+        self.head = nn.Sequential(nn.LayerNorm(hidden), nn.ReLU(), nn.Linear(hidden, cfg.embed_dim))
 
     def forward(self, feats: Tensor, graph: NeighbourGraph) -> Tensor:
         x = self.input(feats)
@@ -190,9 +191,9 @@ class PointEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, graph)
             outs.append(x)
-        local = torch.cat(outs, dim=-1)
-        glob = self.global_proj(local).amax(dim=1, keepdim=True).expand(-1, local.shape[1], -1)
-        return self.head(torch.cat([local, glob], dim=-1))
+        local = torch.cat(outs, dim=-1)  # (P, N, sum(widths))
+        glob = self.global_proj(local.amax(dim=1))  # (P, hidden): identity-level shape and colour summary
+        return self.head(self.local_proj(local) + glob[:, None, :])
 
 
 class RegistrationNet(nn.Module):
