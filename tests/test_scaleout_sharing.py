@@ -123,11 +123,20 @@ def test_older_minor_is_read_and_newer_major_is_refused_everywhere(tiny_dataset,
     assert code == 1 and "format version 'one': expected MAJOR.MINOR" in output
 
 
-def test_training_names_a_missing_shard_and_a_newer_format(tiny_dataset, tmp_path):
-    def train(d: Path) -> tuple[int, str]:
+def test_training_names_a_missing_shard_a_damaged_one_and_a_newer_format(tiny_dataset, tmp_path):
+    def train(d: Path, *extra: str) -> tuple[int, str]:
         args = ["--shards", str(d), "--out", str(tmp_path / f"run-{d.name}"), "--steps", "1", "--no-progress"]
-        result = CliRunner().invoke(train_from_shards, args)
+        result = CliRunner().invoke(train_from_shards, [*args, *extra])
         return result.exit_code, result.output
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_dataset, damaged)
+    data = bytearray((damaged / "shard-000002.tar").read_bytes())
+    data[len(data) // 4] ^= 0x04
+    (damaged / "shard-000002.tar").write_bytes(bytes(data))
+    code, output = train(damaged, "--verify")  # hashes every shard before the first step
+    assert code == 1 and output.startswith("Error: shard-000002.tar: sha256 mismatch (expected ")
+    assert len(output.strip().splitlines()) == 1
 
     missing = tmp_path / "missing"
     shutil.copytree(tiny_dataset, missing)

@@ -122,6 +122,13 @@ def _apply_overrides(cfg: TrainConfig, **flags) -> TrainConfig:  # noqa: ANN003
     default=None,
     help="torch threads of the training process (default 0 = torch's choice).",
 )
+@click.option(
+    "--verify",
+    "verify",
+    is_flag=True,
+    help="Before training, hash every shard of the --shards dataset against its manifest.json "
+    "(local, s3://, http(s)://) and stop naming a missing or damaged shard.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide the tqdm progress bar.")
 def train_from_shards(
     shards,
@@ -142,6 +149,7 @@ def train_from_shards(
     compile_,
     stop_after,
     threads,
+    verify,
     no_progress,  # noqa: ANN001
 ) -> None:
     """Train the 2D-3D registration network from WebDataset shards and prototypes.h5.
@@ -179,6 +187,10 @@ def train_from_shards(
         )
         if not cfg.data.shards:
             raise click.BadParameter("a SPEC is required (or data.shards in --config)", param_hint="--shards")
+        if verify:
+            from protoreg.integrity import verify_checksums
+
+            verify_checksums(cfg.data.shards)
         summary = train(cfg, out, resume=resume, stop_after=stop_after, progress=not no_progress)
     except (ConfigError, CheckpointError, DataSpecError, DatasetFormatError, TrainError) as e:
         raise click.ClickException(str(e)) from None
