@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import platform
+import sys
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -287,10 +288,14 @@ def hf_features(location: DatasetLocation, manifest: dict[str, Any]) -> dict[str
         import datasets
     except ImportError:
         return None
-    schema = json_arrow_schema(location, manifest)
-    if schema is None:
+    try:
+        schema = json_arrow_schema(location, manifest)
+        json_type = datasets.Features.from_arrow_schema(schema)["json"] if schema is not None else None
+    except (ValueError, TypeError, NotImplementedError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        print(f"warning: no {HF_FEATURES_NAME} ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
         return None
-    json_type = datasets.Features.from_arrow_schema(schema)["json"]
+    if json_type is None:
+        return None
     features = {"__key__": datasets.Value("string"), "__url__": datasets.Value("string")}
     for entry in manifest.get("sample_entries", ds.SAMPLE_ENTRIES):
         features[entry] = json_type if entry == "json" else datasets.Image()
