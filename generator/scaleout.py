@@ -174,14 +174,26 @@ def run_generation(
     from generator.card import write_dataset_card
 
     opts = opts or ScaleOptions()
-    if opts.executor not in EXECUTORS:
-        raise GenerationError(f"--executor {opts.executor}: expected one of {', '.join(EXECUTORS)}")
+    check_executor(opts)
     location = DatasetLocation(req.out_dir)
     if opts.only_task and opts.executor == "local" and not location.remote:
         summary = generate_dataset(req, echo=echo)
         write_dataset_card(location)
         return summary
     return _generate_scaled(req, opts, location, echo)
+
+
+def check_executor(opts: ScaleOptions) -> None:
+    """Refuse executor settings that cannot work, before anything is written."""
+    if opts.executor not in EXECUTORS:
+        raise GenerationError(f"--executor {opts.executor}: expected one of {', '.join(EXECUTORS)}")
+    if opts.ray_address and opts.executor != "ray":
+        raise GenerationError(f"--ray-address {opts.ray_address}: only used with --executor ray")
+    if opts.executor == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise GenerationError("--executor ray: Ray is not installed (pip install 'protoreg[cluster]')")
 
 
 def _claim(location: DatasetLocation, fingerprint: dict[str, Any]) -> None:

@@ -229,3 +229,18 @@ def test_wids_random_access_and_hugging_face_datasets(tiny_dataset, tmp_path, mo
     assert np.array_equal(
         np.asarray(row["parts.png"]), ds.decode_parts(reference[ds.sample_key(17)]["parts.png"])
     )
+
+
+def test_cluster_flags_refuse_what_cannot_work(tmp_path):
+    from generator.cli import gen_shards
+
+    out = tmp_path / "out"
+    base = ["--identities", "2", "--n", "4", "--out", str(out), "--quiet"]
+    for extra, message in (
+        (["--ray-address", "auto"], "Error: --ray-address auto: only used with --executor ray"),
+        (["--task-index", "4", "--num-tasks", "4"], "Error: --task-index: task index 4 outside 0..3"),
+        (["--executor", "spark"], "Invalid value for '--executor'"),
+    ):
+        result = CliRunner().invoke(gen_shards, base + extra, prog_name="gen-shards")
+        assert result.exit_code != 0 and message in result.output, result.output
+        assert not out.exists()
