@@ -4,6 +4,7 @@ foreign checkpoints and bad configs are refused with one-line messages."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,6 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from tests.train_fakes import write_fake_dataset
 from trainer.checkpoint import load_checkpoint, load_model
 from trainer.cli import train_from_shards
 
@@ -39,10 +39,9 @@ TINY_CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_fake_dataset(
-        tmp_path_factory.mktemp("train") / "ds", n_identities=3, n_samples=24, shard_size=6
-    )
+def data(tiny_dataset) -> Path:
+    """The shared real dataset (Blender renders: 3 identities, 24 samples, 64x128, 3 shards)."""
+    return tiny_dataset
 
 
 def config_file(tmp_path: Path, **changes) -> Path:
@@ -165,5 +164,5 @@ def test_torchrun_two_ranks_read_disjoint_shards(data, tmp_path):
         read[rank] = {ln.split("\t")[2] for ln in lines}
         assert read[rank] and all(ln.split("\t")[0] == str(rank) for ln in lines)
     assert not read[0] & read[1]
-    assert len(read[0] | read[1]) == 4
+    assert len(read[0] | read[1]) == len(json.loads((data / "manifest.json").read_text())["shards"])
     assert load_checkpoint(run / "checkpoint-last.pt")["step"] == 3

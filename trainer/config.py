@@ -77,8 +77,8 @@ class LossConfig:
     w_contrast: float = 1.0  # (a) multi-positive InfoNCE: same identity AND same part
     w_dense: float = 0.5  # (b) soft vertex targets from vid.png
     w_seg: float = 1.0  # (c) part segmentation cross-entropy
-    pixels_per_batch: int = 1024  # foreground pixels sampled for (a) and (b), balanced over parts
-    points_per_identity: int = 512  # prototype points per identity in the similarity matrix (0 = all)
+    pixels_per_batch: int = 512  # foreground pixels sampled for (a) and (b), balanced over parts
+    points_per_identity: int = 384  # prototype points per identity in the similarity matrix (0 = all)
     dense_sigma: float = 0.05  # metres: width of the soft vertex targets in (b)
 
 
