@@ -22,11 +22,17 @@ def free_port() -> int:
 @contextlib.contextmanager
 def s3_server(bucket: str = "protoreg-test") -> Iterator[str]:
     """Start moto's S3 server on loopback, point protoreg at it, create `bucket`; yield 's3://bucket'."""
-    from moto.server import ThreadedMotoServer
+    import urllib.request
 
+    from moto.server import ThreadedMotoServer
+    from s3fs import S3FileSystem
+
+    S3FileSystem.clear_instance_cache()  # no client of an earlier server (maybe on the same port)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    # moto keeps its buckets in process-wide state: start every server empty.
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"))
     env = {
         "PROTOREG_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
         "AWS_ACCESS_KEY_ID": "testing",
@@ -43,6 +49,7 @@ def s3_server(bucket: str = "protoreg-test") -> Iterator[str]:
         yield f"s3://{bucket}"
     finally:
         server.stop()
+        S3FileSystem.clear_instance_cache()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
