@@ -119,3 +119,38 @@ def test_verify_and_train_from_an_http_server(tiny_dataset, tmp_path):
         code, out, run = train(url, tmp_path)
         assert code == 0, out
         assert (run / "checkpoint-last.pt").exists() and "skipped samples 0" in out
+
+
+def test_job_array_into_s3_then_finalize_there(tmp_path):
+    """Tasks write shards and records straight into the bucket; finalize runs on the bucket (the renderer
+    is the writer tests' stand-in backend: this is about placement, not pixels)."""
+    from generator.cli import finalize_cmd
+    from generator.config import GenConfig
+    from generator.pipeline import GenRequest
+    from generator.scaleout import ScaleOptions, run_generation
+    from tests.conftest import tiny_body_model
+
+    config = GenConfig()
+    config.render.width, config.render.height = 32, 64
+    body = tiny_body_model(tmp_path)
+    with s3_server() as bucket:
+        root = f"{bucket}/array"
+
+        def task(index: int) -> None:
+            req = GenRequest(out_dir=root, n=10, identities="2", workers=1, shard_size=3, config=config,
+                             body_model=str(body) if body else None, backend="tests.fake_backend:FakeBackend",
+                             progress=False)  # fmt: skip
+            summary = run_generation(req, ScaleOptions(task_index=index, num_tasks=2), echo=lambda _m: None)
+            assert summary.shards == 2  # shards 0, 2 / 1, 3 of four
+
+        task(1)
+        assert not storage.exists(f"{root}/{ds.MANIFEST_NAME}")
+        early = CliRunner().invoke(finalize_cmd, [root])
+        assert early.exit_code == 1
+        assert early.output.startswith("Error: shard-000000.tar, shard-000002.tar: missing (2 of 4 shards")
+        task(0)
+        done = CliRunner().invoke(finalize_cmd, [root])
+        assert done.exit_code == 0 and "manifest for 4 shards, 10 samples" in done.output, done.output
+        assert storage.exists(f"{root}/{CARD_NAME}") and storage.exists(f"{root}/{SHEET_NAME}")
+        ok = CliRunner().invoke(verify_cmd, [root])
+        assert ok.exit_code == 0 and "OK (4 shards, checksums and 10 samples" in ok.output, ok.output
