@@ -120,7 +120,7 @@ def _apply_overrides(cfg: TrainConfig, **flags) -> TrainConfig:  # noqa: ANN003
     "--threads",
     type=click.IntRange(min=0),
     default=None,
-    help="torch threads of the training process (default 0 = torch's choice).",
+    help="torch threads of the training process (default 1; 0 = torch's choice).",
 )
 @click.option(
     "--verify",

@@ -108,7 +108,8 @@ class TrainConfig:
     ckpt_every: int = 200
     val_every: int = 0  # 0 = validate only at the end (when --val is given)
     val_threshold: float = 0.5  # cosine similarity a correspondence needs to count as confident
-    threads: int = 0  # torch intra-op threads in the main process (0 = leave torch's default)
+    threads: int = 1  # torch intra-op threads of each training process (0 = torch's default; 1 avoids
+    # oversubscription next to the DataLoader workers on small machines)
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
