@@ -82,6 +82,13 @@ def shard_pattern(manifest: dict[str, Any]) -> str:
     return f"shard-{{{first}..{last}}}.tar"
 
 
+def _url_depth(url: str) -> int:
+    """Number of path components of a URL (https://host/a/b -> 2)."""
+    from urllib.parse import urlparse
+
+    return len([p for p in urlparse(url).path.split("/") if p])
+
+
 def render_card(manifest: dict[str, Any], root: str, has_sheet: bool) -> str:
     """DATASET.md text for a manifest; `root` is where readers find the files (folder or URL)."""
     t = manifest["totals"]
@@ -93,11 +100,15 @@ def render_card(manifest: dict[str, Any], root: str, has_sheet: bool) -> str:
     if storage.scheme(root) == "s3":
         pattern = f"pipe:aws s3 cp {pattern} -"  # plain webdataset streams s3 objects through a pipe
     local = root.rstrip("/") if not storage.is_remote(root) else "./" + root.rstrip("/").rsplit("/", 1)[-1]
+    copy_command = (
+        f"aws s3 sync {root} {local}"
+        if storage.scheme(root) == "s3"
+        else f"wget -r -np -nH --cut-dirs={_url_depth(root) - 1} -R 'index.html*' {root}/"
+    )
     copy_note = (
         [
             f"The dataset lives at `{root}`; webdataset and train-from-shards stream it from there. wids and "
-            f"Hugging Face datasets read a local copy: `aws s3 sync {root} {local}` (S3) or "
-            f"`wget -r -np -nH {root}/` (HTTP).",
+            f"Hugging Face datasets read a local copy: `{copy_command}`.",
             "",
         ]
         if storage.is_remote(root)
@@ -193,7 +204,7 @@ def render_card(manifest: dict[str, Any], root: str, has_sheet: bool) -> str:
         "from PIL import Image",
         "",
         "def decode(s):",
-        "    img = lambda name: Image.open(io.BytesIO(s[name]))  # noqa: E731",
+        "    img = lambda name: Image.open(io.BytesIO(s[name]))",
         "    return {'key': s['__key__'], 'rgb': np.asarray(img('rgb.jpg').convert('RGB')),",
         "            'parts': np.asarray(img('parts.png')),  # uint8 part ids 0-15",
         "            'vid': np.asarray(img('vid.png'), dtype=np.int32),  # vertex + 1, 0 = none",
