@@ -166,3 +166,13 @@ def test_torchrun_two_ranks_read_disjoint_shards(data, tmp_path):
     assert not read[0] & read[1]
     assert len(read[0] | read[1]) == len(json.loads((data / "manifest.json").read_text())["shards"])
     assert load_checkpoint(run / "checkpoint-last.pt")["step"] == 3
+
+
+def test_protoreg_train_is_the_same_command():
+    from protoreg.cli import main
+
+    result = CliRunner().invoke(main, ["train", "--help"])
+    assert result.exit_code == 0 and "--shards" in result.output and "--resume" in result.output
+    for flag in ("--steps", "--batch-size", "--device", "--config", "--val", "--lr", "--workers", "--seed",
+                 "--log-every", "--ckpt-every", "--val-every", "--compile"):  # fmt: skip
+        assert flag in result.output
