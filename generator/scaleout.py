@@ -13,6 +13,7 @@ work was split. A plain local run keeps using generator.pipeline.generate_datase
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -230,7 +231,8 @@ def _generate_scaled(
     staging = Path(location.root) if not location.remote else _staging_dir(opts.staging)
     try:
         staging.mkdir(parents=True, exist_ok=True)
-        location.write_json(ds.RUN_CONFIG_NAME, run)
+        if location.read_run_config() != json.loads(ds.canonical_json(run)):
+            location.write_json(ds.RUN_CONFIG_NAME, run)  # tasks of one array share it: the first writes it
         if not location.exists(ds.PROTOTYPES_NAME):
             write_prototypes(staging / ds.PROTOTYPES_NAME, identities, body, seed=req.seed)
             location.put(staging / ds.PROTOTYPES_NAME, ds.PROTOTYPES_NAME)

@@ -85,7 +85,8 @@ def canonical_json(obj: Any, indent: int | None = None) -> str:
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a file under a temporary name in the same folder, fsync, then rename: never half-written."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    # pid + random token: job-array tasks on different hosts of a shared filesystem may share a pid
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
