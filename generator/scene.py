@@ -559,18 +559,14 @@ def sample_occluders(
     )
     lo, hi = uv.min(axis=1), uv.max(axis=1)
     mid, half = (lo + hi) / 2.0, (hi - lo) / 2.0
-    person_depth = float(np.median(z))
+    person_depth, nearest = float(np.median(z)), float(z.min())
     f = camera.K[0, 0]
     out = []
     for _ in range(n):
         angle = _uniform(rng, (0.0, 2.0 * np.pi))
         offset = _uniform(rng, config.occluder_offset)
         pix = mid + offset * half * np.array([np.cos(angle), np.sin(angle)])
-        depth = person_depth * _uniform(rng, config.occluder_depth)
-        depth = max(depth, 0.4)
-        ray = np.linalg.solve(camera.K, np.array([pix[0], pix[1], 1.0]))
-        center_cam = ray * depth
-        center = camera.R.T @ (center_cam - camera.t)
+        depth = max(person_depth * _uniform(rng, config.occluder_depth), 0.4)
         size_m = _uniform(rng, config.occluder_size) * (hi[1] - lo[1]) * depth / f
         aspect = rng.uniform(0.6, 1.4, 3)
         shape = str(_choice(rng, config.occluder_shapes))
@@ -578,6 +574,11 @@ def sample_occluders(
             aspect = np.ones(3)
         elif shape == "cylinder":
             aspect[1] = aspect[0]
+        # Keep the whole object in front of the person's nearest point (it must not cut into the body).
+        reach = 0.5 * size_m * float(np.linalg.norm(aspect))
+        depth = max(min(depth, nearest - reach), 0.3)
+        ray = np.linalg.solve(camera.K, np.array([pix[0], pix[1], 1.0]))
+        center = camera.R.T @ (ray * depth - camera.t)
         out.append(
             OccluderSpec(
                 shape=shape,

@@ -109,6 +109,7 @@ def test_occluders_stand_between_camera_and_person(person):
         for occ in scene.occluders:
             uv, z = scene.camera.project(occ.center[None])
             assert 0 < z[0] < np.median(z_person)
+            assert z[0] + 0.5 * np.linalg.norm(occ.size) <= z_person.min() + 1e-9  # never cuts into the body
             assert -0.5 <= uv[0, 0] <= scene.camera.width and -0.5 <= uv[0, 1] <= scene.camera.height
             assert occ.shape in config.occluder_shapes and (occ.size > 0).all()
     assert set(counts) == {1, 2, 3}
