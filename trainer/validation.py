@@ -40,6 +40,18 @@ def correspondence_scores(
     return ok.float().mean(dim=1)
 
 
+def identity_scores(
+    pixel_emb: Tensor, pixel_parts: Tensor, point_emb: Tensor, point_parts: Tensor, threshold: float
+) -> Tensor:
+    """Correspondence rate per identity, ties broken by the mean best similarity (an image with no
+    confident pixel would otherwise always rank the first identity first)."""
+    if pixel_emb.shape[0] == 0:
+        return torch.zeros(point_emb.shape[0])
+    best, idx = torch.einsum("md,pnd->pmn", pixel_emb, point_emb).max(dim=2)
+    rate = ((best >= threshold) & (point_parts[idx] == pixel_parts[None])).float().mean(dim=1)
+    return rate + 1e-4 * best.mean(dim=1)
+
+
 def encode_bank(model: RegistrationNet, bank, device: torch.device, chunk: int = 16) -> Tensor:  # noqa: ANN001
     outs = []
     with torch.no_grad():
@@ -119,7 +131,7 @@ def validate(
                             err_n += int(known.sum())
                 fg = pred_grid[i].reshape(-1)
                 fgm = (fg >= 1) & (fg <= NUM_BODY_PARTS)
-                scores = correspondence_scores(emb[fgm], fg[fgm], point_emb, point_parts, thr)
+                scores = identity_scores(emb[fgm], fg[fgm], point_emb, point_parts, thr)
                 rank1_hits += int(int(scores.argmax()) == int(rows[i]))
                 images += 1
     return {
