@@ -99,9 +99,8 @@ def main() -> None:
         sps = measure(urls, args.workers, args.batches, out_hw, args.batch_size)
         cpu = cpu_rate(urls, max(4, args.batches // 3), out_hw, args.batch_size)
         rows.append((out_hw, sps, cpu))
-        print(
-            f"output {out_hw[1]}x{out_hw[0]}: {sps:.0f} samples/s ({args.workers} workers), {cpu:.0f} per CPU-s"
-        )
+        size = f"{out_hw[1]}x{out_hw[0]}"
+        print(f"output {size}: {sps:.0f} samples/s ({args.workers} workers), {cpu:.0f} per CPU-s")
     load1 = os.getloadavg()[0]
     text = [
         "## Loader throughput (`bench/loader_throughput.py`)",
