@@ -70,6 +70,16 @@ def face_parts(faces: np.ndarray, vertex_parts: np.ndarray) -> np.ndarray:
     return np.where(p[:, 1] == p[:, 2], p[:, 1], p[:, 0]).astype(np.int64)
 
 
+def border_mask(labels: np.ndarray, objects: np.ndarray) -> np.ndarray:
+    """Pixels with a 4-neighbour of another label or another object (silhouettes, part borders, shell
+    edges): their colour blends two surfaces, so their correspondence is marked unknown."""
+    key = labels.astype(np.int64) * 256 + objects.astype(np.int64)
+    p = np.pad(key, 1, mode="edge")
+    return (
+        (p[:-2, 1:-1] != key) | (p[2:, 1:-1] != key) | (p[1:-1, :-2] != key) | (p[1:-1, 2:] != key)
+    )
+
+
 def linear_to_srgb8(rgb: np.ndarray) -> np.ndarray:
     """Linear RGB floats -> sRGB uint8 (clipped), the standard view transform."""
     c = np.clip(rgb, 0.0, 1.0)
@@ -206,11 +216,14 @@ class BlenderRenderer:
         body: Any,
         backgrounds_dir: str | os.PathLike | None = None,
         tmp_dir: str | None = None,
+        mark_borders: bool = True,
     ) -> None:
+        """`mark_borders`: give border pixels (see `border_mask`) vid 0, as the dataset format says."""
         if backgrounds_dir is not None:
             list_backgrounds(str(backgrounds_dir))  # fails early with a clear message
         self.settings = settings
         self.body = body
+        self.mark_borders = bool(mark_borders)
         self.faces = np.asarray(body.faces, dtype=np.int64)
         self.vertex_parts = np.asarray(body.vertex_parts, dtype=np.uint8)
         self.num_vertices = int(self.vertex_parts.shape[0])
@@ -648,9 +661,12 @@ class BlenderRenderer:
         shell_verts: np.ndarray,
         shell_source: np.ndarray,
     ) -> np.ndarray:
-        """vid: nearest posed body vertex (+1) to each body-part pixel's surface point; 0 when unsure."""
+        """vid: nearest posed body vertex (+1) to each body-part pixel's surface point; 0 when unsure
+        (border pixels, a nearest vertex of another part or too far away)."""
         vid = np.zeros(parts.shape, dtype=np.uint16)
         body_px = (parts >= 1) & (parts <= 14)
+        if self.mark_borders:
+            body_px &= ~border_mask(parts, objects)
         on_body = body_px & (objects == OBJECT_BODY)
         on_shell = body_px & (objects == OBJECT_SHELL)
         if on_body.any():
@@ -740,4 +756,4 @@ class BlenderRenderer:
         self._images.clear()
 
 
-__all__ = ["BlenderRenderer", "RenderedSample", "RenderError", "linear_to_srgb8", "face_parts"]
+__all__ = ["BlenderRenderer", "RenderedSample", "RenderError", "linear_to_srgb8", "face_parts", "border_mask"]

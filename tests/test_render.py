@@ -98,6 +98,17 @@ def interior_mask(labels: np.ndarray) -> np.ndarray:
     return same
 
 
+def label_border_mask(labels: np.ndarray) -> np.ndarray:
+    """Pixels with a 4-neighbour of another label."""
+    p = np.pad(labels, 1, mode="edge")
+    return (
+        (p[:-2, 1:-1] != labels)
+        | (p[2:, 1:-1] != labels)
+        | (p[1:-1, :-2] != labels)
+        | (p[1:-1, 2:] != labels)
+    )
+
+
 def vid_colors(vid: np.ndarray, rest: np.ndarray) -> np.ndarray:
     """Correspondence picture: each pixel coloured by its vertex's rest-pose position."""
     lo, hi = rest.min(0), rest.max(0)
@@ -125,6 +136,8 @@ def test_vid_covers_interior_pixels_with_matching_parts(frontal, body):
     assert (out.vid[interior] > 0).mean() >= 0.95
     has = out.vid > 0
     assert not (has & ~body_px).any()  # no correspondence off the body
+    assert not (has & label_border_mask(out.parts)).any()  # border pixels are unknown
+    assert has.sum() > 0.5 * body_px.sum()
     assert np.array_equal(np.asarray(body.vertex_parts)[out.vid[has].astype(np.int64) - 1], out.parts[has])
 
 
