@@ -16,6 +16,7 @@ so all specs stay in the body's frame and the Position pass is mapped back with 
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import time
@@ -56,6 +57,13 @@ def _import_oiio() -> Any:
     oiio.attribute("threads", 1)
     oiio.attribute("exr_threads", 1)
     return oiio
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _np(x: Any) -> np.ndarray:
@@ -233,6 +241,7 @@ class BlenderRenderer:
         base = tmp_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp")
         self.exr_path = os.path.join(base, f"protoreg-render-{os.getpid()}-{id(self):x}.exr")
         self._images: dict[str, Any] = {}
+        atexit.register(_remove_quietly, self.exr_path)  # also when a caller renders without render()
         self.oiio = _import_oiio()
         self._build_scene()
 
