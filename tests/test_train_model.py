@@ -18,6 +18,7 @@ from trainer.losses import (
     PixelSample,
     contrastive_loss,
     dense_loss,
+    identity_loss,
     sample_pixels,
     similarity_logits,
     target_points,
@@ -103,6 +104,19 @@ def test_contrastive_loss_prefers_same_identity_same_part():
     logits[2] = 1 / 0.5
     expected = torch.logsumexp(logits, 0) - torch.logsumexp(logits[2:4], 0)
     assert torch.allclose(loss(pix, eye, torch.tensor(0.5)), expected)
+
+
+def test_identity_loss_compares_only_the_pixels_part_across_identities():
+    eye = torch.eye(8).view(2, 4, 8)  # identity 0: e0..e3, identity 1: e4..e7; parts [1, 1, 2, 2]
+    parts = torch.tensor([1, 1, 2, 2])
+    pix = PixelSample(torch.tensor([0]), eye[0, 2:3], torch.tensor([2]), torch.tensor([-1]))
+    logits = similarity_logits(pix, eye, torch.tensor(0.5))
+    # softmax over the 4 part-2 points (2 per identity), positives = identity 0's two part-2 points
+    same_part = torch.tensor([2.0, 0.0, 0.0, 0.0])
+    expected = torch.logsumexp(same_part, 0) - torch.logsumexp(same_part[:2], 0)
+    assert torch.allclose(identity_loss(logits, pix, torch.tensor([0]), parts), expected)
+    one = similarity_logits(pix, eye[:1], torch.tensor(0.5))
+    assert float(identity_loss(one, pix, torch.tensor([0]), parts)) == 0.0
 
 
 def test_dense_loss_is_lowest_at_the_true_vertex():

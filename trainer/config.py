@@ -75,6 +75,7 @@ class AugmentConfig:
 @dataclass
 class LossConfig:
     w_contrast: float = 1.0  # (a) multi-positive InfoNCE: same identity AND same part
+    w_identity: float = 1.0  # (a') the same, softmax over the pixel's part only: which person is this?
     w_dense: float = 0.5  # (b) soft vertex targets from vid.png
     w_seg: float = 1.0  # (c) part segmentation cross-entropy
     pixels_per_batch: int = 512  # foreground pixels sampled for (a) and (b), balanced over parts

@@ -47,6 +47,7 @@ METRIC_FIELDS = [
     "step",
     "loss",
     "contrast",
+    "identity",
     "dense",
     "seg",
     "lr",
@@ -206,7 +207,7 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> None:
         return [p[0] for p in pts], [p[1] for p in pts]
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for key in ("loss", "contrast", "dense", "seg"):
+    for key in ("loss", "contrast", "identity", "dense", "seg"):
         axes[0].plot(*series(key), label=key)
     axes[0].set_title("training losses")
     axes[0].set_xlabel("step")
@@ -375,7 +376,10 @@ def train(
                 now = time.perf_counter()
                 row = {
                     "step": step,
-                    **{k: round(float(terms[k].detach()), 6) for k in ("loss", "contrast", "dense", "seg")},
+                    **{
+                        k: round(float(terms[k].detach()), 6)
+                        for k in ("loss", "contrast", "identity", "dense", "seg")
+                    },
                     "lr": optimizer.param_groups[0]["lr"],
                     "temperature": round(float(model.temperature.detach()), 6),
                     "samples_per_s": round(window_n * dist.world / max(now - window_t, 1e-9), 2),

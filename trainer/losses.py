@@ -98,6 +98,25 @@ def contrastive_loss(logits: Tensor, pix: PixelSample, pix_rows: Tensor, point_p
     return (lse_all - lse_pos).mean()
 
 
+def identity_loss(logits: Tensor, pix: PixelSample, pix_rows: Tensor, point_parts: Tensor) -> Tensor:
+    """(a') the identity half of (a), isolated: the same positives, but the softmax runs over the points of
+    the pixel's part only (in every identity of the batch), so parts cannot explain the loss away and
+    the whole gradient asks "which person's <part> is this?" (0 when the batch holds one identity)."""
+    m, p, n = logits.shape
+    if p < 2:
+        return logits.sum() * 0
+    same_part = (pix.parts[:, None] == point_parts[None, :])[:, None, :].expand(m, p, n)
+    same_id = (pix_rows[:, None] == torch.arange(p, device=logits.device)[None, :])[:, :, None].expand(
+        m, p, n
+    )
+    flat = logits.reshape(m, p * n)
+    lse_part = torch.logsumexp(flat.masked_fill(~same_part.reshape(m, p * n), float("-inf")), dim=1)
+    lse_pos = torch.logsumexp(
+        flat.masked_fill(~(same_part & same_id).reshape(m, p * n), float("-inf")), dim=1
+    )
+    return (lse_part - lse_pos).mean()
+
+
 def dense_loss(
     logits: Tensor,
     pix: PixelSample,
@@ -179,10 +198,18 @@ def registration_losses(
     if len(rows):
         logits = similarity_logits(pix, point_emb, temperature)
         lc = contrastive_loss(logits, pix, rows, point_parts)
+        li = identity_loss(logits, pix, rows, point_parts) if cfg.w_identity > 0 else zero
         tgt = target_points(pix, vertex_to_point, point_index)
         ld = dense_loss(logits, pix, rows, point_xyz, tgt, cfg.dense_sigma)
     else:
-        lc = ld = zero
+        lc = li = ld = zero
     ls = segmentation_loss(feats, parts, valid)
-    total = cfg.w_contrast * lc + cfg.w_dense * ld + cfg.w_seg * ls
-    return {"loss": total, "contrast": lc, "dense": ld, "seg": ls, "pixels": torch.tensor(float(len(rows)))}
+    total = cfg.w_contrast * lc + cfg.w_identity * li + cfg.w_dense * ld + cfg.w_seg * ls
+    return {
+        "loss": total,
+        "contrast": lc,
+        "identity": li,
+        "dense": ld,
+        "seg": ls,
+        "pixels": torch.tensor(float(len(rows))),
+    }
