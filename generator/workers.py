@@ -60,7 +60,12 @@ class BlenderBackend:
         body = load_body_model(job.body_model)
         identities = [Identity.from_json(d) for d in job.identities]
         self.ctx = GenContext(
-            config=job.config, body=body, identities=identities, seed=job.seed, poses=job.poses
+            config=job.config,
+            body=body,
+            identities=identities,
+            seed=job.seed,
+            poses=job.poses,
+            backgrounds=job.backgrounds,
         )
         self.renderer = BlenderRenderer(job.config.render, body, job.backgrounds)
 
