@@ -134,12 +134,12 @@ def is_worker(pid: int) -> bool:
         return False
 
 
-def run_end_to_end(args: argparse.Namespace, out: Path) -> dict:
-    shard_size = min(1000, math.ceil(args.n / args.workers))  # every worker gets a shard
+def run_end_to_end(args: argparse.Namespace, out: Path, n: int, resolution: str, samples: int) -> dict:
+    shard_size = min(1000, math.ceil(n / args.workers))  # every worker gets a shard
     cmd = [
         sys.executable, "-c", "from generator.cli import gen_shards; gen_shards()",
-        "--identities", "8", "--n", str(args.n), "--out", str(out), "--workers", str(args.workers),
-        "--resolution", f"{args.width}x{args.height}", "--samples", str(args.samples),
+        "--identities", "8", "--n", str(n), "--out", str(out), "--workers", str(args.workers),
+        "--resolution", resolution, "--samples", str(samples),
         "--shard-size", str(shard_size), "--quiet",
     ]  # fmt: skip
     if args.body_model:
@@ -161,7 +161,10 @@ def run_end_to_end(args: argparse.Namespace, out: Path) -> dict:
     manifest = json.loads((out / "manifest.json").read_text())
     return {
         "wall_s": wall,
-        "images_per_s": args.n / wall,
+        "images_per_s": n / wall,
+        "n": n,
+        "resolution": resolution,
+        "samples": samples,
         "bytes_per_sample": manifest["totals"]["bytes"] / manifest["totals"]["samples"],
         "shard_size": shard_size,
         "rss": summarise_rss(series, wall),
@@ -211,17 +214,20 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {system}"
 
 
-def section_text(args: argparse.Namespace, floor: dict, e2e: dict, load: tuple[float, float]) -> str:
+def section_text(args: argparse.Namespace, floor: dict, e2e: dict, mem: dict, load: tuple[float, ...]) -> str:
     floor_ips = 1.0 / floor["floor_s_per_image"]
     ratio = e2e["images_per_s"] / floor_ips
-    growth = max((r["growth_mb"] for r in e2e["rss"]), default=float("nan"))
+    growth = max((r["growth_mb"] for r in mem["rss"]), default=float("nan"))
+    mem_run = f"{mem['n']} images at {mem['resolution']}, {mem['samples']} spp"
     lines = [
         f"<!-- bench:{SECTION} -->",
         "## gen-shards throughput (`bench/gen_throughput.py`)",
         "",
         f"Machine: {machine()}. Load average (1 min / 5 min) before the run: {load[0]:.2f} / {load[1]:.2f}, "
         f"after: {load[2]:.2f} / {load[3]:.2f} (other jobs shared the machine when these exceed about 2).",
-        f"Run: `bench/gen_throughput.py --n {args.n}`; {args.width}x{args.height}, "
+        f"Run: `bench/gen_throughput.py --n {args.n}"
+        + (f" --rss-n {args.rss_n}" if args.rss_n is not None else "")
+        + f"`; {args.width}x{args.height}, "
         f"{args.samples} Cycles samples, "
         f"{args.workers} worker processes x 1 Cycles thread, shards of {e2e['shard_size']}, 8 identities.",
         "",
@@ -238,18 +244,21 @@ def section_text(args: argparse.Namespace, floor: dict, e2e: dict, load: tuple[f
         f"| ratio end-to-end / floor (target >= 0.85) | {ratio:.2f} |",
         "| bytes per sample (rgb.jpg + parts.png + vid.png + json, tar headers) "
         f"| {e2e['bytes_per_sample'] / 1e3:.1f} kB |",
-        "| worker RSS growth over the run, warmed-up -> end, worst worker (target < 50 MB) "
+        f"| worker RSS growth over {mem_run}, warmed-up -> end, worst worker (target < 50 MB) "
         f"| {growth:+.1f} MB |",
         "",
-        "Worker memory (VmRSS sampled every 2 s):",
+        f"Worker memory over {mem_run} ({mem['wall_s']:.0f} s; VmRSS sampled every 2 s):",
         "",
         "| worker | warmed up | 25% | 50% | 75% | end | peak |",
         "|---|---|---|---|---|---|---|",
     ]
-    for k, r in enumerate(e2e["rss"]):
+    for k, r in enumerate(mem["rss"]):
         q = " | ".join(f"{v:.0f} MB" for v in r["quartiles_mb"])
         lines.append(f"| {k} | {r['warm_mb']:.0f} MB | {q} | {r['end_mb']:.0f} MB | {r['peak_mb']:.0f} MB |")
-    lines += ["", f"gen-shards summary: `{e2e['summary']}`", f"<!-- /bench:{SECTION} -->"]
+    lines += ["", f"gen-shards summary (throughput run): `{e2e['summary']}`"]
+    if mem is not e2e:
+        lines += ["", f"gen-shards summary (memory run): `{mem['summary']}`"]
+    lines.append(f"<!-- /bench:{SECTION} -->")
     return "\n".join(lines)
 
 
@@ -279,6 +288,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--specs", type=int, default=6, help=argparse.SUPPRESS)
     p.add_argument("--body-model", default=None, help="body model file [default: the embedded default body]")
     p.add_argument(
+        "--rss-n",
+        type=int,
+        default=None,
+        help="measure worker memory in a separate run of this many images [default: in the throughput run]",
+    )
+    p.add_argument("--rss-resolution", default="64x128", help="WIDTHxHEIGHT of the separate memory run")
+    p.add_argument("--rss-samples", type=int, default=4, help="Cycles samples of the separate memory run")
+    p.add_argument(
         "--no-write", action="store_true", help="print the section instead of writing docs/benchmarks.md"
     )
     p.add_argument("--keep", action="store_true", help="keep the generated dataset (printed path)")
@@ -300,8 +317,13 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="gen_throughput-"))
     try:
         print(f"end to end: gen-shards --n {args.n} --workers {args.workers} ...", flush=True)
-        e2e = run_end_to_end(args, tmp / "dataset")
+        e2e = run_end_to_end(args, tmp / "dataset", args.n, f"{args.width}x{args.height}", args.samples)
         print(f"  {e2e['images_per_s']:.2f} images/s", flush=True)
+        mem = e2e
+        if args.rss_n is not None:
+            print(f"memory: gen-shards --n {args.rss_n} at {args.rss_resolution}, {args.rss_samples} spp ...")
+            mem = run_end_to_end(args, tmp / "memory", args.rss_n, args.rss_resolution, args.rss_samples)
+            print(f"  {mem['images_per_s']:.2f} images/s", flush=True)
     finally:
         if args.keep:
             print(f"dataset kept in {tmp / 'dataset'}")
@@ -312,7 +334,7 @@ def main() -> None:
     print(f"  {1.0 / after['floor_s_per_image']:.2f} images/s", flush=True)
     floor = combine_floors(floor, after)
     load = (*load, *os.getloadavg()[:2])
-    text = section_text(args, floor, e2e, load)
+    text = section_text(args, floor, e2e, mem, load)
     print(text)
     if not args.no_write:
         write_section(text)
