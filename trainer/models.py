@@ -78,6 +78,12 @@ class ImageEncoder(nn.Module):
         self.fuse = nn.Sequential(conv_bn(d, d), conv_bn(d, d))
         self.embed = nn.Conv2d(d, cfg.embed_dim, 1)
         self.seg = nn.Conv2d(d, NUM_LABELS, 1)
+        # Part colours: the mean input colour under each predicted part (skin on the hands and face, hair on
+        # the head, ...), a per-image appearance code added to every pixel; the image-side twin of the point
+        # branch's appearance shortcut. Identity lives in these colours, not in the pixel's own (clothing).
+        self.part_colour = nn.Sequential(
+            nn.Linear(NUM_LABELS * 4, d), nn.ReLU(inplace=True), nn.Linear(d, cfg.embed_dim)
+        )
         self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -91,7 +97,18 @@ class ImageEncoder(nn.Module):
         p = F.interpolate(p, size=c2.shape[-2:], mode="nearest") + self.lat2(c2)
         p = F.interpolate(p, size=c1.shape[-2:], mode="nearest") + self.lat1(c1)
         p = self.fuse(p)
-        return self.embed(p), self.seg(p)
+        seg = self.seg(p)
+        return self.embed(p) + self.appearance_code(images, seg)[:, :, None, None], seg
+
+    def appearance_code(self, images: Tensor, seg: Tensor) -> Tensor:
+        """(B, D): mean colour and share of each predicted part, through a small MLP."""
+        probs = seg.detach().float().softmax(dim=1)  # (B, 16, h, w); no gradient into the segmentation
+        small = F.adaptive_avg_pool2d(images, probs.shape[-2:])  # (B, 3, h, w) in [0, 1]
+        mass = probs.sum(dim=(2, 3))  # (B, 16)
+        colour = torch.einsum("bkhw,bchw->bkc", probs, small) / (mass[..., None] + 1e-3)
+        share = mass / (probs.shape[-1] * probs.shape[-2])
+        feats = torch.cat([(colour - 0.5) * 4, share[..., None] * 4], dim=-1)  # (B, 16, 4)
+        return self.part_colour(feats.flatten(1))
 
 
 def knn_graph(points: Tensor, k: int) -> Tensor:
@@ -184,6 +201,10 @@ class PointEncoder(nn.Module):
         )
         self.local_proj = nn.Linear(cat, hidden)
         self.head = nn.Sequential(nn.LayerNorm(hidden), nn.ReLU(), nn.Linear(hidden, cfg.embed_dim))
+        # Appearance shortcut: the point's own colour and its set's mean colour straight into the embedding.
+        # Without it the same point of different people starts (and stays) almost identical, and the
+        # identity gradient, a product of two near-zero differences, never gets going.
+        self.appearance = nn.Linear(6, cfg.embed_dim) if cfg.use_albedo else None
 
     def forward(self, feats: Tensor, graph: NeighbourGraph) -> Tensor:
         x = self.input(feats)
@@ -193,7 +214,12 @@ class PointEncoder(nn.Module):
             outs.append(x)
         local = torch.cat(outs, dim=-1)  # (P, N, sum(widths))
         glob = self.global_proj(local.amax(dim=1))  # (P, hidden): identity-level shape and colour summary
-        return self.head(self.local_proj(local) + glob[:, None, :])
+        out = self.head(self.local_proj(local) + glob[:, None, :])
+        if self.appearance is not None:
+            colour = (feats[..., -3:].clamp_min(0).sqrt() - 0.5) * 4  # albedo, roughly perceptual, centred
+            mean = colour.mean(dim=1, keepdim=True).expand_as(colour)
+            out = out + self.appearance(torch.cat([colour, mean], dim=-1))
+        return out
 
 
 class RegistrationNet(nn.Module):
