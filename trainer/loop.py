@@ -164,7 +164,7 @@ class MetricsLog:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         tmp = self.path.with_name("metrics.csv.tmp")
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
         os.replace(tmp, self.path)
