@@ -80,7 +80,8 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     except RecognitionError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure to load means the same to the user
-        raise RecognitionError(f"{path}: cannot load checkpoint ({str(e).splitlines()[0][:160]})") from None
+        detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise RecognitionError(f"{path}: cannot load checkpoint ({detail[:200]})") from None
     config = dict(config or {})
     fp = getattr(model, "model_fingerprint", None) or fingerprint_of(config, path)
     max_points = int((config.get("data") or {}).get("max_points", 0) or 0)
