@@ -50,9 +50,11 @@ def fake_batch(batch: int, hw: tuple[int, int], identities: int, points: int, ge
     }
 
 
-def measure(device: str, steps: int, batch: int, identities: int) -> dict:
+def measure(device: str, steps: int, batch: int, identities: int, threads: int = 1) -> dict:
     import torch
 
+    if device == "cpu":
+        torch.set_num_threads(threads)
     from trainer.config import TrainConfig
     from trainer.loop import make_optimizer, point_sample
     from trainer.losses import registration_losses
@@ -122,7 +124,10 @@ def main() -> None:
     if args.device in ("cuda", "all") and torch.cuda.is_available():
         devices.append("cuda")
     load0 = os.getloadavg()[0]
-    rows = [measure(d, args.steps, args.batch_size, args.identities) for d in devices]
+    rows = [
+        measure("cpu", args.steps, args.batch_size, args.identities, t) for t in (1, 2) if "cpu" in devices
+    ]
+    rows += [measure(d, args.steps, args.batch_size, args.identities) for d in devices if d != "cpu"]
     load1 = os.getloadavg()[0]
     for r in rows:
         print(f"{r['device']}: {r['sps']:.1f} samples/s ({r['ms']:.0f} ms/step)")
@@ -136,7 +141,8 @@ def main() -> None:
         f"tensors, no data loading; {args.steps} timed steps after 3 warm-up steps. "
         f"torch {torch.__version__}; "
         f"1-minute load average {load0:.1f} before / {load1:.1f} after on {os.cpu_count()} cores "
-        "(other jobs slow the CPU rows).",
+        "(other jobs slow the CPU rows; with other jobs running, 2 threads lose to 1 because idle OpenMP "
+        "threads spin, which is why `threads: 1` is the training default).",
         "",
         "| device | samples/s | ms/step |",
         "|---|---:|---:|",

@@ -157,7 +157,9 @@ def test_crop_moves_labels_with_pixels():
     parts = (np.arange(h)[:, None] // 8 * 2 + np.arange(w)[None] // 16).astype(np.uint8)  # 8x2 blocks
     rgb = np.repeat((parts * 15)[..., None], 3, axis=2).astype(np.uint8)
     vid = parts.astype(np.int32) + 1
-    cfg = AugmentConfig(jpeg_p=0, erase_p=0)
+    cfg = AugmentConfig(
+        jpeg_p=0, erase_p=0, blur_p=0, gray_p=0, brightness=0, contrast=0, saturation=0, hue=0
+    )
     out_rgb, out_parts, out_vid, valid, _ = augment_sample(rng, rgb, parts, vid, (32, 16), cfg)
     assert out_rgb.shape == (32, 16, 3) and valid.all()
     assert np.array_equal(out_vid, out_parts.astype(np.int32) + 1)
@@ -195,3 +197,20 @@ def test_photometric_is_vectorised_and_bounded():
     g = y[2]
     assert torch.allclose(g[0], g[1], atol=1e-5) and torch.allclose(g[1], g[2], atol=1e-5)
     assert torch.equal(photometric(x.clone(), p), y)  # seeded noise: reproducible
+
+
+def test_per_sample_colour_map_matches_the_float_batch_version():
+    from trainer.augment import PhotoParams, apply_colour, photometric
+
+    img = np.random.default_rng(0).integers(0, 256, (64, 32, 3), dtype=np.uint8)
+    p = PhotoParams(brightness=1.2, contrast=0.8, saturation=1.3, hue=0.05)
+    fast = apply_colour(img, p).astype(np.float32) / 255
+    ref = (
+        photometric(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255, [p])[0]
+        .permute(1, 2, 0)
+        .numpy()
+    )
+    assert np.abs(fast - ref).max() <= 3 / 255  # uint8 rounding and a 1/16 sample for the mean grey
+    grey = apply_colour(img, PhotoParams(gray=True))
+    assert np.array_equal(grey[..., 0], grey[..., 1]) and np.array_equal(grey[..., 1], grey[..., 2])
+    assert apply_colour(img, PhotoParams()) is img

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
 from protoreg import dataset as ds
-from trainer.augment import PhotoParams, augment_sample, photometric
+from trainer.augment import PhotoParams, augment_sample, batch_noise
 from trainer.config import AugmentConfig
 
 REQUIRED = ds.SAMPLE_ENTRIES
@@ -401,7 +401,7 @@ def collate(
     """Stack decoded samples into tensors and run the batch-level photometric augmentation."""
     if items:
         images = torch.from_numpy(np.stack([it["rgb"] for it in items])).permute(0, 3, 1, 2).float().div_(255)
-        images = photometric(images, [it["photo"] for it in items])
+        images = batch_noise(images, [it["photo"] for it in items])
         parts = torch.from_numpy(np.stack([it["parts"] for it in items]).astype(np.int64))
         vid = torch.from_numpy(np.stack([it["vid"] for it in items]).astype(np.int64))
         valid = torch.from_numpy(np.stack([it["valid"] for it in items]))
