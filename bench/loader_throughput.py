@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batches", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--describe", default="", help="words for the data in the section (default: the SPEC)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
     import torch
@@ -81,7 +82,7 @@ def main() -> None:
 
     tmp = None
     if args.shards:
-        spec, origin = args.shards, f"`{args.shards}`"
+        spec, origin = args.shards, args.describe or f"`{args.shards}`"
     else:
         from tests.train_fakes import write_fake_dataset
 
