@@ -18,6 +18,7 @@ Writes its section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -166,6 +167,7 @@ def main() -> None:
             rows.append((n, open_s, statistics.median(short), max(short), statistics.median(full), *acc))
             print(rows[-1], file=sys.stderr)
     cpu = platform.processor() or platform.machine()
+    load_avg = os.getloadavg()[0]
     lines = [
         "## Recognition latency at gallery scale (`bench/recognize_latency.py`)",
         "",
@@ -174,7 +176,8 @@ def main() -> None:
         f"{input_size[1]}, {len(extra[0].embeddings) if extra else '?'} points per identity, "
         f"embeddings float16 on disk). Per image: encode the image, per-part shortlist over all "
         f"identities, full registration of the best {args.shortlist}. Median over {len(images)} images, "
-        "gallery already open.",
+        f"gallery already open. 1-minute load average {load_avg:.1f} on {os.cpu_count()} cores when it ran "
+        "(other jobs slow every row alike).",
         "",
         "| identities | open gallery (s) | per image, shortlist (s) | worst (s) | per image, exhaustive (s) "
         "| Rank-1 shortlist | Rank-1 exhaustive |",
