@@ -72,7 +72,7 @@ def _apply_overrides(cfg: TrainConfig, **flags) -> TrainConfig:  # noqa: ANN003
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Peak AdamW learning rate (default 2e-3).",
+    help="Peak AdamW learning rate (default 4e-3).",
 )
 @click.option(
     "--workers",

@@ -57,11 +57,11 @@ class AugmentConfig:
     crop_scale: tuple[float, float] = (0.6, 1.0)  # random resized crop: area share of the image
     crop_ratio: tuple[float, float] = (0.8, 1.25)  # aspect ratio jitter relative to the output's
     flip: bool = False  # a horizontal flip would swap left/right part labels; off by default
-    brightness: float = 0.35
-    contrast: float = 0.35
-    saturation: float = 0.4
-    hue: float = 0.06  # hue shift, fraction of a full turn
-    gray_p: float = 0.05  # probability of a grey-scale image
+    brightness: float = 0.2  # milder colour jitter keeps skin tone and hair colour (identity cues) legible
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.02  # hue shift, fraction of a full turn
+    gray_p: float = 0.0  # probability of a grey-scale image (grey hides skin tone and hair colour)
     blur_p: float = 0.3
     blur_sigma: tuple[float, float] = (0.3, 1.5)
     noise_p: float = 0.4
@@ -76,7 +76,7 @@ class AugmentConfig:
 class LossConfig:
     w_contrast: float = 1.0  # (a) multi-positive InfoNCE: same identity AND same part
     w_identity: float = 1.0  # (a') the same, softmax over the pixel's part only: which person is this?
-    w_dense: float = 0.5  # (b) soft vertex targets from vid.png
+    w_dense: float = 0.25  # (b) soft vertex targets from vid.png
     w_seg: float = 1.0  # (c) part segmentation cross-entropy
     pixels_per_batch: int = 512  # foreground pixels sampled for (a) and (b), balanced over parts
     points_per_identity: int = 384  # prototype points per identity in the similarity matrix (0 = all)
@@ -85,7 +85,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-3
+    lr: float = 4e-3
     weight_decay: float = 0.02
     warmup_steps: int = 50
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
