@@ -148,10 +148,19 @@ def test_bad_config_and_spec_give_one_line_errors(data, tmp_path):
     assert not (tmp_path / "r2" / "checkpoint-last.pt").exists()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_torchrun_two_ranks_read_disjoint_shards(data, tmp_path):
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    port = str(free_port())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "trainer.cli", "--shards", str(data), "--out", str(run), "--steps", "3",
            "--config", str(config_file(tmp_path)), "--no-progress"]  # fmt: skip
     proc = subprocess.run(
