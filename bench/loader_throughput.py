@@ -106,8 +106,9 @@ def main() -> None:
     text = [
         "## Loader throughput (`bench/loader_throughput.py`)",
         "",
-        f"Data: {origin}. Decoding with SAFE_DECODERS, full augmentation (random resized crop, colour "
-        f"jitter, blur, noise, JPEG re-compression, erasing), {args.workers} DataLoader workers, "
+        f"Data: {origin}. Decoding with SAFE_DECODERS, full augmentation (JPEG re-compression per sample "
+        "with its probability; random resized crop, colour jitter, blur, noise and erasing vectorised per "
+        f"batch in torch), {args.workers} DataLoader workers, "
         f"batch {args.batch_size}, "
         f"{args.batches} batches after 4 warm-up batches. CPU: {platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}; 1-minute load average {load0:.1f} before / {load1:.1f} after "

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.train_fakes import write_fake_dataset
-from trainer.augment import augment_sample, crop_box, resize_labels
+from trainer.augment import AugParams, augment_batch, crop_box, draw_params, fit_sample, resize_labels
 from trainer.config import AugmentConfig
 from trainer.data import (
     DataSpecError,
@@ -151,6 +151,17 @@ def test_prototype_bank_and_fixed_point_subset(fake_ds):
     assert point_subset(100, 200).tolist() == list(range(100))
 
 
+def augment_one(rng, rgb, parts, vid, out_hw, cfg):
+    """fit_sample + augment_batch on a batch of one, back to numpy (H,W,3) uint8-scale, labels, valid."""
+    rgb, parts, vid, params = fit_sample(rng, rgb, parts, vid, out_hw, cfg)
+    images = torch.from_numpy(rgb[None].copy()).permute(0, 3, 1, 2).float() / 255
+    images, p, v, valid = augment_batch(
+        images, torch.from_numpy(parts[None].astype(np.int64)), torch.from_numpy(vid[None].astype(np.int64)),
+        [params],
+    )
+    return (images[0].permute(1, 2, 0).numpy() * 255).round(), p[0].numpy(), v[0].numpy(), valid[0].numpy()
+
+
 def test_crop_moves_labels_with_pixels():
     rng = np.random.default_rng(0)
     h, w = 64, 32
@@ -158,17 +169,29 @@ def test_crop_moves_labels_with_pixels():
     rgb = np.repeat((parts * 15)[..., None], 3, axis=2).astype(np.uint8)
     vid = parts.astype(np.int32) + 1
     cfg = AugmentConfig(
-        jpeg_p=0, erase_p=0, blur_p=0, gray_p=0, brightness=0, contrast=0, saturation=0, hue=0
+        jpeg_p=0, erase_p=0, blur_p=0, noise_p=0, gray_p=0, brightness=0, contrast=0, saturation=0, hue=0
     )
-    out_rgb, out_parts, out_vid, valid, _ = augment_sample(rng, rgb, parts, vid, (32, 16), cfg)
-    assert out_rgb.shape == (32, 16, 3) and valid.all()
-    assert np.array_equal(out_vid, out_parts.astype(np.int32) + 1)
+    out_rgb, out_parts, out_vid, valid = augment_one(rng, rgb, parts, vid, (h, w), cfg)
+    assert out_rgb.shape == (h, w, 3) and valid.all()
+    assert np.array_equal(out_vid, out_parts.astype(np.int64) + 1)
     # away from block borders the bilinear RGB agrees with the nearest-neighbour labels
-    agree = np.abs(out_rgb[..., 0].astype(int) - out_parts.astype(int) * 15) <= 2
+    agree = np.abs(out_rgb[..., 0] - out_parts.astype(int) * 15) <= 2
     assert agree.mean() > 0.7
+    shifted = np.abs(out_rgb[..., 0] - np.roll(out_parts, 3, axis=0).astype(int) * 15) <= 2
+    assert shifted.mean() < agree.mean() - 0.2  # labels one crop-shift off would not agree
+    # a real crop happened: the crop box is a strict part of the image
+    params = draw_params(np.random.default_rng(0), (32, 16), cfg)
+    assert params.geometric and params.box[2] * params.box[3] < 1.0
     box = crop_box(rng, (h, w), (32, 16), None)
     assert box == (0.0, 0.0, 32.0, 64.0)
     assert np.array_equal(resize_labels(parts, box, (64, 32)), parts)
+
+
+def test_identity_params_leave_a_batch_unchanged():
+    x = torch.rand(2, 3, 16, 8)
+    labels = torch.randint(0, 16, (2, 16, 8))
+    y, p, v, valid = augment_batch(x.clone(), labels.clone(), labels.clone(), [AugParams(), AugParams()])
+    assert torch.equal(y, x) and torch.equal(p, labels) and torch.equal(v, labels) and bool(valid.all())
 
 
 def test_erased_pixels_keep_labels_but_are_invalid():
@@ -176,7 +199,7 @@ def test_erased_pixels_keep_labels_but_are_invalid():
     parts = np.full((64, 32), 2, np.uint8)
     rgb = np.full((64, 32, 3), 128, np.uint8)
     cfg = AugmentConfig(erase_p=1.0, jpeg_p=0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
-    _, out_parts, _, valid, _ = augment_sample(rng, rgb, parts, parts.astype(np.int32), (64, 32), cfg)
+    _, out_parts, _, valid = augment_one(rng, rgb, parts, parts.astype(np.int32), (64, 32), cfg)
     assert (~valid).sum() > 0 and (out_parts == 2).all()
 
 
@@ -199,18 +222,27 @@ def test_photometric_is_vectorised_and_bounded():
     assert torch.equal(photometric(x.clone(), p), y)  # seeded noise: reproducible
 
 
-def test_per_sample_colour_map_matches_the_float_batch_version():
-    from trainer.augment import PhotoParams, apply_colour, photometric
+def test_batch_colour_map_matches_the_per_pixel_definition():
+    """Brightness, contrast (around the mean grey), saturation and hue of the batched affine map equal
+    the step-by-step definition; the mean grey measured on a 1/16 subsample is close to the full one."""
+    from trainer.augment import FROM_YIQ, TO_YIQ, PhotoParams, colour_batch, mean_gray
 
     img = np.random.default_rng(0).integers(0, 256, (64, 32, 3), dtype=np.uint8)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    full = float((x[0].permute(1, 2, 0).double() @ torch.tensor([0.299, 0.587, 0.114]).double()).mean())
+    assert abs(mean_gray(img) - full) < 0.05  # 128 of 2048 uniform-noise pixels
     p = PhotoParams(brightness=1.2, contrast=0.8, saturation=1.3, hue=0.05)
-    fast = apply_colour(img, p).astype(np.float32) / 255
-    ref = (
-        photometric(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255, [p])[0]
-        .permute(1, 2, 0)
-        .numpy()
-    )
-    assert np.abs(fast - ref).max() <= 3 / 255  # uint8 rounding and a 1/16 sample for the mean grey
-    grey = apply_colour(img, PhotoParams(gray=True))
-    assert np.array_equal(grey[..., 0], grey[..., 1]) and np.array_equal(grey[..., 1], grey[..., 2])
-    assert apply_colour(img, PhotoParams()) is img
+    out = colour_batch(x.clone(), [AugParams(photo=p, mean_gray=full)])[0]
+    g = torch.tensor([0.299, 0.587, 0.114])
+    y = x[0] * 1.2
+    y = (y - full * 1.2) * 0.8 + full * 1.2
+    grey = torch.einsum("c,chw->hw", g, y)
+    y = (y - grey) * 1.3 + grey
+    a = 0.05 * 2 * np.pi
+    c, s = np.cos(a), np.sin(a)
+    rot = torch.tensor([[1, 0, 0], [0, c, -s], [0, s, c]], dtype=torch.float32)
+    y = torch.einsum("ij,jhw->ihw", FROM_YIQ @ rot @ TO_YIQ, y)
+    assert torch.allclose(out, y, atol=1e-4)
+    grey_img = colour_batch(x.clone(), [AugParams(photo=PhotoParams(gray=True), mean_gray=full)])[0]
+    assert torch.allclose(grey_img[0], grey_img[1], atol=1e-5)
+    assert torch.allclose(grey_img[1], grey_img[2], atol=1e-5)

@@ -17,7 +17,9 @@ and counted (`skipped` in each batch) instead of crashing the run.
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -28,11 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
 from protoreg import dataset as ds
-from trainer.augment import PhotoParams, augment_sample, batch_noise
+from trainer.augment import augment_batch, fit_sample
 from trainer.config import AugmentConfig
 
 REQUIRED = ds.SAMPLE_ENTRIES
@@ -319,6 +322,94 @@ def rank_shards(urls: list[str], seed: int, rank: int, world: int) -> list[str]:
     return [urls[i] for i in order[rank::world]]
 
 
+class TruncatedShard(ValueError):
+    """A tar stream ended inside a header or a member, or a header's checksum is wrong."""
+
+
+TAR_BLOCK = 512
+_META_NAME = re.compile(r"__[^/]*__($|/)")
+
+
+def _tar_number(field: bytes) -> int:
+    field = field.rstrip(b"\0 ").lstrip(b" ")
+    if field[:1] in (b"\x80", b"\xff"):  # GNU base-256 for large sizes
+        return int.from_bytes(field[1:], "big")
+    return int(field or b"0", 8)
+
+
+def _read_exact(stream: Any, n: int, url: str) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise TruncatedShard(f"{url}: truncated tar ({len(data)} of {n} bytes)")
+    return data
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    out, i = {}, 0
+    while i < len(data) and data[i : i + 1] not in (b"", b"\0"):
+        space = data.index(b" ", i)
+        length = int(data[i:space])
+        key, _, value = data[space + 1 : i + length - 1].partition(b"=")
+        out[key.decode("utf-8")] = value.decode("utf-8")
+        i += length
+    return out
+
+
+def tar_file_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
+    """Regular files of a (ustar, pax or GNU) tar stream as webdataset file dicts, read block by block.
+
+    Does what webdataset's tar_file_iterator does (skips non-files and __meta__ names) at a fraction of
+    tarfile's per-member cost: every loader worker parses every sample's headers to keep the shuffled
+    order, so this cost is paid once per sample per worker.
+    """
+    pax: dict[str, str] = {}
+    long_name: str | None = None
+    while True:
+        header = stream.read(TAR_BLOCK)
+        if len(header) == 0 or header == bytes(TAR_BLOCK):
+            return  # end of archive (a zero block, or a stream that simply ends)
+        if len(header) != TAR_BLOCK:
+            raise TruncatedShard(f"{url}: truncated tar header")
+        if _tar_number(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+            raise TruncatedShard(f"{url}: tar header checksum mismatch")
+        kind = header[156:157]
+        size = int(pax["size"]) if "size" in pax else _tar_number(header[124:136])
+        data = _read_exact(stream, size, url)
+        pad = -size % TAR_BLOCK
+        if pad:
+            _read_exact(stream, pad, url)
+        if kind == b"x":
+            pax = _pax_records(data)
+            continue
+        if kind == b"L":
+            long_name = data.rstrip(b"\0").decode("utf-8")
+            continue
+        if kind == b"g":
+            continue
+        name = pax.get("path") or long_name
+        if name is None:
+            name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
+            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
+            name = f"{prefix}/{name}" if prefix else name
+        pax, long_name = {}, None
+        if kind not in (b"0", b"\0", b"7") or _META_NAME.match(name):
+            continue
+        yield {"fname": name, "data": data, "__url__": url}
+
+
+def tar_members(opened: Iterator[dict[str, Any]], handler: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Files of the shards webdataset's url_opener opened; a broken shard is counted and left."""
+    for source in opened:
+        try:
+            yield from tar_file_members(source["stream"], source["url"])
+        except Exception as exn:  # noqa: BLE001 - counted; the rest of the shard is lost
+            handler(exn)
+        finally:
+            close = getattr(source["stream"], "close", None)
+            if close is not None:
+                close()
+
+
 def raw_samples(
     urls: list[str], handler: SkipCounter, bad_samples: list[int], shard_log: list[str] | None = None
 ) -> Iterator[dict[str, Any]]:
@@ -329,7 +420,7 @@ def raw_samples(
         if shard_log is not None:
             shard_log.append(url)
         stream = tariterators.url_opener([dict(url=url)], handler=handler)
-        files = tariterators.tar_file_expander(stream, handler=handler)
+        files = tar_members(stream, handler)
         for sample in tariterators.group_by_keys(files, handler=handler):
             clean = {"__key__": sample.get("__key__"), "__url__": sample.get("__url__")}
             for k, v in sample.items():
@@ -371,40 +462,63 @@ def identity_of(meta: dict[str, Any]) -> int:
     raise ds.DatasetFormatError("json: no identity id (expected identity.id)")
 
 
+def decode_rgb(data: bytes) -> np.ndarray:
+    """JPEG bytes -> (H, W, 3) uint8 through Pillow, converting only when the file is not already RGB."""
+    with Image.open(io.BytesIO(data)) as im:
+        if im.format != "JPEG":
+            raise ds.DatasetFormatError(f"rgb.jpg: expected a JPEG, got {im.format}")
+        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
+
+
+def decode_training_entries(raw: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Only the entries training reads (rgb, parts, vid, json), with the schema's safe decoders."""
+    def entry(name: str) -> bytes:
+        value = raw[name]
+        return value.getvalue() if hasattr(value, "getvalue") else value
+
+    rgb = decode_rgb(entry("rgb.jpg"))
+    parts = ds.SAFE_DECODERS["parts.png"](entry("parts.png"))
+    vid = ds.SAFE_DECODERS["vid.png"](entry("vid.png"))
+    meta = ds.SAFE_DECODERS["json"](entry("json"))
+    if parts.shape != rgb.shape[:2] or vid.shape != rgb.shape[:2]:
+        raise ds.DatasetFormatError(f"sample {raw['__key__']}: rgb/parts/vid sizes differ")
+    return rgb, parts, vid, meta
+
+
 def decode_and_augment(
     raw: dict[str, Any],
     rng: np.random.Generator,
     out_hw: tuple[int, int],
     augment: AugmentConfig | None,
 ) -> dict[str, Any]:
-    """SAFE_DECODERS only, then the per-sample augmentation; raises on a corrupt sample."""
-    s = ds.decode_sample(raw)
-    rgb, parts, vid = s["rgb.jpg"], s["parts.png"], s["vid.png"]
-    if parts.shape != rgb.shape[:2] or vid.shape != rgb.shape[:2]:
-        raise ds.DatasetFormatError(f"sample {raw['__key__']}: rgb/parts/vid sizes differ")
-    rgb, parts, vid, valid, photo = augment_sample(rng, rgb, parts, vid, out_hw, augment)
+    """Decode, fit to out_hw and draw the sample's augmentation parameters (applied per batch in
+    `collate`); raises on a corrupt sample."""
+    rgb, parts, vid, meta = decode_training_entries(raw)
+    rgb, parts, vid, params = fit_sample(rng, rgb, parts, vid, out_hw, augment)
     return {
         "rgb": rgb,
         "parts": parts,
         "vid": vid,
-        "valid": valid,
-        "photo": photo,
-        "identity": identity_of(s["json"]),
+        "aug": params,
+        "identity": identity_of(meta),
         "key": str(raw["__key__"]),
         "url": str(raw["__url__"]),
+        "json": meta,
     }
 
 
 def collate(
     items: list[dict[str, Any]], positions: list[int], skipped: int, batch_index: int
 ) -> dict[str, Any]:
-    """Stack decoded samples into tensors and run the batch-level photometric augmentation."""
+    """Stack decoded samples into tensors and run the batch-level augmentation with each sample's own
+    parameters (default parameters change nothing)."""
     if items:
-        images = torch.from_numpy(np.stack([it["rgb"] for it in items])).permute(0, 3, 1, 2).float().div_(255)
-        images = batch_noise(images, [it["photo"] for it in items])
-        parts = torch.from_numpy(np.stack([it["parts"] for it in items]).astype(np.int64))
-        vid = torch.from_numpy(np.stack([it["vid"] for it in items]).astype(np.int64))
-        valid = torch.from_numpy(np.stack([it["valid"] for it in items]))
+        rgb = torch.from_numpy(np.stack([it["rgb"] for it in items])).permute(0, 3, 1, 2).contiguous()
+        images = rgb.float().div_(255)
+        parts = torch.from_numpy(np.stack([it["parts"] for it in items]))
+        vid = torch.from_numpy(np.stack([it["vid"] for it in items]))
+        images, parts, vid, valid = augment_batch(images, parts, vid, [it["aug"] for it in items])
+        images = images.contiguous()
     else:
         images, parts, vid, valid = (
             torch.zeros(0, 3, 1, 1),
@@ -550,26 +664,23 @@ def iterate_samples(
     n = 0
     for raw in raw_samples(urls, handler, bad):
         try:
-            s = ds.decode_sample(raw)
+            rgb, parts, vid, meta = decode_training_entries(raw)
+            hw = image_hw or rgb.shape[:2]
+            rgb, parts, vid, params = fit_sample(np.random.default_rng(0), rgb, parts, vid, hw, None)
         except Exception:  # noqa: BLE001
             handler.count += 1
             continue
-        hw = image_hw or s["rgb.jpg"].shape[:2]
-        out = (
-            decode_and_augment(raw, np.random.default_rng(0), hw, None)
-            if image_hw
-            else {
-                "rgb": s["rgb.jpg"],
-                "parts": s["parts.png"],
-                "vid": s["vid.png"],
-                "valid": np.ones(s["parts.png"].shape, bool),
-                "photo": PhotoParams(),
-                "identity": identity_of(s["json"]),
-                "key": str(raw["__key__"]),
-                "url": str(raw["__url__"]),
-            }
-        )
-        out["json"] = s["json"]
+        out = {
+            "rgb": rgb,
+            "parts": parts,
+            "vid": vid,
+            "valid": np.ones(parts.shape, bool),
+            "aug": params,
+            "identity": identity_of(meta),
+            "key": str(raw["__key__"]),
+            "url": str(raw["__url__"]),
+            "json": meta,
+        }
         yield out
         n += 1
         if limit is not None and n >= limit:
