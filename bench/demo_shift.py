@@ -32,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo", default=str(ROOT / "demo"), help="the demo folder")
     ap.add_argument("--note", default="", help="a sentence about the run (machine load, ...)")
+    ap.add_argument("--extra", default="", help="a markdown file appended to the section (further runs)")
     args = ap.parse_args()
     demo = Path(args.demo)
     rep = json.loads((demo / "report" / "report.json").read_text())
@@ -65,6 +66,8 @@ def main() -> None:
         "Demo step times (s, this run): " + ", ".join(f"{k} {v}" for k, v in times.items())
         + f"; total {sum(times.values()):.0f} s.",
     ]
+    if args.extra:
+        lines += ["", Path(args.extra).read_text().rstrip()]
     _write("\n".join(lines), section=SECTION)
     print("\n".join(lines))
 
