@@ -137,13 +137,20 @@ def generate(out: Path, cfg: DemoConfig, name: str, n: int, seed: int, config: s
 
 
 def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint the current code can load; -1 when missing, and a checkpoint of an older
+    architecture (the model code changed) is moved aside so the demo trains afresh."""
     if not path.exists():
         return -1
-    from trainer.checkpoint import CheckpointError, load_checkpoint
+    from trainer.checkpoint import CheckpointError, load_checkpoint, load_model
 
     try:
-        return int(load_checkpoint(path)["step"])
-    except CheckpointError:
+        step = int(load_checkpoint(path)["step"])
+        load_model(path)
+        return step
+    except (CheckpointError, RuntimeError, KeyError):
+        stale = path.parent.with_name(f"{path.parent.name}-stale-{int(time.time())}")
+        path.parent.rename(stale)
+        click.echo(f"== {path} cannot be loaded by this code: moved to {stale}, training afresh", err=True)
         return -1
 
 
