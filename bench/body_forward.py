@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from sections import write_section as write_bench_section  # bench/ is on sys.path
 
 from protoreg.body import DEFAULT_BODY_MODEL, load_body_model
 
@@ -125,18 +124,7 @@ def write_section(rows: list[tuple[str, int, float]], threads: int) -> None:
     ]
     lines += [f"| {name} | {batch} | {ms:.1f} |" for name, batch, ms in rows]
     lines.append(f"<!-- /bench:{SECTION} -->")
-    section = "\n".join(lines)
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"<!-- bench:{SECTION} -->.*?<!-- /bench:{SECTION} -->", re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=".benchmarks.", dir=BENCHMARKS.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-    os.replace(tmp, BENCHMARKS)
+    write_bench_section(SECTION, "\n".join(lines))
 
 
 def main() -> None:

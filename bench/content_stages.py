@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from sections import write_section as write_bench_section  # bench/ is on sys.path
 
 from generator.appearance import AppearanceConfig, Dresser, sample_outfit
 from generator.pose import PoseConfig, PosePrior
@@ -103,19 +102,7 @@ def write_section(r: dict[str, np.ndarray], n: int) -> None:
         f"first pose of a new body shape (rest joints, capsule radii) {r['geometry_ms'][0]:.0f} ms CPU.",
         f"<!-- /bench:{SECTION} -->",
     ]
-    section = "\n".join(lines)
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"<!-- bench:{SECTION} -->.*?<!-- /bench:{SECTION} -->", re.S)
-    text = (
-        pattern.sub(lambda _: section, text)
-        if pattern.search(text)
-        else text.rstrip("\n") + "\n\n" + section + "\n"
-    )
-    fd, tmp = tempfile.mkstemp(prefix=".benchmarks.", dir=BENCHMARKS.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, BENCHMARKS)
+    write_bench_section(SECTION, "\n".join(lines))
 
 
 def main() -> None:

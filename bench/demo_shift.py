@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.recognize_latency import write_section as _write  # noqa: E402
+from bench.sections import write_section  # noqa: E402
 
 SECTION = "demo_shift"
 
@@ -68,7 +68,7 @@ def main() -> None:
     ]
     if args.extra:
         lines += ["", Path(args.extra).read_text().rstrip()]
-    _write("\n".join(lines), section=SECTION)
+    write_section(SECTION, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -19,13 +19,14 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from sections import write_section as write_bench_section  # bench/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "gen_throughput"
@@ -266,19 +267,6 @@ def section_text(args: argparse.Namespace, floor: dict, e2e: dict, mem: dict, lo
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = BENCHMARKS) -> None:
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"<!-- bench:{SECTION} -->.*?<!-- /bench:{SECTION} -->", re.S)
-    new = (
-        pattern.sub(lambda _m: text, current)
-        if pattern.search(current)
-        else current.rstrip() + "\n\n" + text + "\n"
-    )
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new)
-    tmp.replace(path)
-
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=2000, help="samples in the end-to-end run")
@@ -341,7 +329,7 @@ def main() -> None:
     text = section_text(args, floor, e2e, mem, load)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_bench_section(SECTION, text)
         print(f"wrote section '{SECTION}' of {BENCHMARKS}")
 
 

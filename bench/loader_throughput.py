@@ -15,24 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from sections import write_section as write_bench_section  # bench/ is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 BENCHMARKS = ROOT / "docs" / "benchmarks.md"
 SECTION = "loader_throughput"
-
-
-def write_section(text: str, path: Path = BENCHMARKS) -> None:
-    """Replace this bench's section of docs/benchmarks.md (append it when absent), atomically."""
-    start, end = f"<!-- bench:{SECTION} -->", f"<!-- /bench:{SECTION} -->"
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    if start in doc and end in doc:
-        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end) :]
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(doc)
-    os.replace(tmp, path)
 
 
 def measure(urls: list[str], workers: int, batches: int, out_hw: tuple[int, int], batch_size: int) -> float:
@@ -122,7 +110,7 @@ def main() -> None:
         "(every worker also parses the tar headers of the batches it skips).",
     ]
     if not args.no_write:
-        write_section("\n".join(text))
+        write_bench_section(SECTION, "\n".join(text))
         print(f"wrote section '{SECTION}' of {BENCHMARKS}")
     if tmp is not None:
         tmp.cleanup()

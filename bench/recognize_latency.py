@@ -32,6 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sections import write_section as write_bench_section  # noqa: E402  (bench/ is on sys.path)
+
 from trainer.recognition import (  # noqa: E402
     GalleryIdentity,
     Recognizer,
@@ -41,21 +43,6 @@ from trainer.recognition import (  # noqa: E402
 )
 
 SECTION = "recognize_latency"
-
-
-def write_section(text: str, section: str = SECTION, path: Path = ROOT / "docs" / "benchmarks.md") -> None:
-    """Replace one bench's section of docs/benchmarks.md (other sections untouched)."""
-    start, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    if start in doc and end in doc:
-        head, rest = doc.split(start, 1)
-        doc = head + block + rest.split(end, 1)[1]
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(doc)
-    tmp.replace(path)
 
 
 def load(checkpoint: str | None):
@@ -193,7 +180,7 @@ def main() -> None:
         lines += ["", f"Accuracy: {len(acc_images)} images of `{args.test}`, its {len(base)} identities "
                   f"enrolled with {max(sizes) - len(base)} distractor identities (other people's prototypes) "
                   "filling the gallery to each size."]
-    write_section("\n".join(lines))
+    write_bench_section(SECTION, "\n".join(lines))
     print("\n".join(lines))
 
 

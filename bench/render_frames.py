@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import resource
 import time
 from pathlib import Path
 
 import numpy as np
+from sections import write_section as write_bench_section  # bench/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "render_frames"
@@ -38,18 +38,6 @@ def vid_picture(vid: np.ndarray, rest: np.ndarray) -> np.ndarray:
     m = vid > 0
     out[m] = col[vid[m].astype(np.int64) - 1]
     return out
-
-
-def write_section(text: str) -> None:
-    """Replace (or append) this bench's section of docs/benchmarks.md."""
-    path = REPO / "docs" / "benchmarks.md"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"<!-- bench:{SECTION} -->\n{text.rstrip()}\n<!-- /bench:{SECTION} -->"
-    pattern = re.compile(rf"<!-- bench:{SECTION} -->.*?<!-- /bench:{SECTION} -->", re.S)
-    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -155,7 +143,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_docs:
-        write_section(text)
+        write_bench_section(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -14,24 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+from sections import write_section as write_bench_section  # bench/ is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 BENCHMARKS = ROOT / "docs" / "benchmarks.md"
 SECTION = "train_step"
-
-
-def write_section(text: str, path: Path = BENCHMARKS) -> None:
-    """Replace this bench's section of docs/benchmarks.md (append it when absent), atomically."""
-    start, end = f"<!-- bench:{SECTION} -->", f"<!-- /bench:{SECTION} -->"
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    if start in doc and end in doc:
-        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end) :]
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(doc)
-    os.replace(tmp, path)
 
 
 def fake_batch(batch: int, hw: tuple[int, int], identities: int, points: int, gen):  # noqa: ANN001
@@ -151,7 +139,7 @@ def main() -> None:
     if "cuda" not in devices:
         text += ["", "No GPU was available to this run (the device tool lent none to this task)."]
     if not args.no_write:
-        write_section("\n".join(text))
+        write_bench_section(SECTION, "\n".join(text))
         print(f"wrote section '{SECTION}' of {BENCHMARKS}")
 
 
