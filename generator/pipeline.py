@@ -189,6 +189,20 @@ def resolve_inputs(req: GenRequest) -> tuple[Any, list[Any], dict[str, Any], dic
     return body, identities, to_jsonable(fingerprint), to_jsonable(run)
 
 
+def job_for(req: GenRequest, config: GenConfig, run: dict[str, Any], body: Any, out_dir: Path) -> GenJob:
+    """What every worker of this request needs to render into `out_dir` (local runs and job arrays alike)."""
+    return GenJob(
+        out_dir=str(out_dir),
+        config=config,
+        seed=req.seed,
+        identities=run["identities"],
+        body_model=str(body.path) if req.body_model is not None else None,
+        backgrounds=req.backgrounds,
+        poses=req.poses,
+        backend=req.backend,
+    )
+
+
 def claim_output_folder(out_dir: Path, fingerprint: dict[str, Any]) -> None:
     """Refuse a folder that holds another configuration's dataset; touch nothing when refusing."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -234,16 +248,7 @@ def generate_dataset(req: GenRequest, echo: Callable[[str], None] = print) -> Ge
             f"note: {len(todo)} shard(s) to render for {req.workers} workers; workers take whole shards, "
             "so a smaller --shard-size would keep all of them busy"
         )
-    job = GenJob(
-        out_dir=str(out_dir),
-        config=config,
-        seed=req.seed,
-        identities=run["identities"],
-        body_model=str(body.path) if req.body_model is not None else None,
-        backgrounds=req.backgrounds,
-        poses=req.poses,
-        backend=req.backend,
-    )
+    job = job_for(req, config, run, body, out_dir)
     stages: dict[str, float] = {}
     rendered = _render_with_progress(job, todo, req.workers, req.progress, stages)
     remove_stale_temporaries(out_dir, plans)  # writers killed just before this run may have been alive then

@@ -33,6 +33,7 @@ from generator.pipeline import (
     GenSummary,
     claim_output_folder,
     generate_dataset,
+    job_for,
     resolve_inputs,
 )
 from generator.workers import GenJob, run_workers
@@ -243,16 +244,7 @@ def _generate_scaled(
             remove_stale_temporaries(staging, todo)
         if len(todo) < len(mine):
             echo(f"keeping {len(mine) - len(todo)} finished shard(s); rendering {len(todo)}")
-        job = GenJob(
-            out_dir=str(staging),
-            config=config,
-            seed=req.seed,
-            identities=run["identities"],
-            body_model=str(body.path) if req.body_model is not None else None,
-            backgrounds=req.backgrounds,
-            poses=req.poses,
-            backend=req.backend,
-        )
+        job = job_for(req, config, run, body, staging)
         _render(job, todo, req, opts, location, staging)
     finally:
         if own_staging:
