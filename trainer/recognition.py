@@ -11,7 +11,6 @@ See docs/recognition.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -188,14 +187,6 @@ def shortlist_scores(
 
 # ----------------------------------------------------------------------------------------------------------
 # The gallery file
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

@@ -11,6 +11,7 @@ from typing import Any
 import click
 import numpy as np
 
+from protoreg.dataset import file_sha256
 from trainer.recognition import (
     DEFAULT_SHORTLIST,
     UNKNOWN,
@@ -21,7 +22,6 @@ from trainer.recognition import (
     Recognizer,
     check_gallery_matches,
     encode_prototypes,
-    file_sha256,
     load_gallery,
     load_image,
     read_gallery_identities,
