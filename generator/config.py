@@ -21,6 +21,7 @@ import yaml
 from generator.appearance import AppearanceConfig
 from generator.pose import PoseConfig
 from generator.scene import SceneConfig
+from protoreg.dataset import to_jsonable
 
 
 @dataclass
@@ -50,7 +51,7 @@ class GenConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists), as stored in manifest.json."""
-        return to_jsonable(dataclasses.asdict(self))
+        return to_jsonable(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> GenConfig:
@@ -83,21 +84,6 @@ def load_config(path: str | Path | None) -> GenConfig:
 def dump_config(config: GenConfig) -> str:
     """YAML text of a config, loadable again with load_config."""
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
-
-
-def to_jsonable(value: Any) -> Any:
-    """Tuples/numpy values -> lists and Python scalars, recursively, so json.dumps works and round-trips."""
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable(dataclasses.asdict(value))
-    if hasattr(value, "tolist"):  # numpy arrays and scalars
-        return to_jsonable(value.tolist())
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def config_fingerprint(config: GenConfig) -> str:

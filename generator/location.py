@@ -23,7 +23,6 @@ from generator.write import (
     build_wids_index,
     plan_shards,
     shard_is_complete,
-    to_jsonable,
 )
 from protoreg import dataset as ds
 from protoreg import storage
@@ -139,7 +138,7 @@ class DatasetLocation:
         ds.write_text_atomic(path, text)
 
     def write_json(self, name: str, obj: Any) -> None:
-        self.write_text(name, ds.canonical_json(to_jsonable(obj), indent=1) + "\n")
+        self.write_text(name, ds.canonical_json(ds.to_jsonable(obj), indent=1) + "\n")
 
     def put(self, local: Path, name: str) -> None:
         """Publish a finished local file under `name` (no-op when it already is that file)."""

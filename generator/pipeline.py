@@ -28,7 +28,6 @@ from generator.write import (
     plan_shards,
     remove_stale_temporaries,
     shard_is_complete,
-    to_jsonable,
     write_run_config,
 )
 from protoreg import dataset as ds
@@ -186,7 +185,7 @@ def resolve_inputs(req: GenRequest) -> tuple[Any, list[Any], dict[str, Any], dic
         "body_model": body_info,
         "identities": ident_json,
     }
-    return body, identities, to_jsonable(fingerprint), to_jsonable(run)
+    return body, identities, ds.to_jsonable(fingerprint), ds.to_jsonable(run)
 
 
 def job_for(req: GenRequest, config: GenConfig, run: dict[str, Any], body: Any, out_dir: Path) -> GenJob:

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from protoreg.dataset import to_jsonable
+
+JSON_DIGITS = 7  # decimals kept in sample metadata
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".exr", ".hdr", ".webp")
 PATTERNS = ("solid", "noise", "checker", "brick")
@@ -252,20 +256,8 @@ class SceneSpec:
 
 
 def jsonable(obj: Any) -> Any:
-    """Dataclasses, numpy arrays and scalars -> JSON-able Python values."""
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return {k: jsonable(v) for k, v in asdict(obj).items()}
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return jsonable(obj.item())
-    if isinstance(obj, float):
-        return round(obj, 7)
-    return obj
+    """JSON-able form of scene descriptions, floats rounded to JSON_DIGITS decimals."""
+    return to_jsonable(obj, JSON_DIGITS)
 
 
 # ----------------------------------------------------------------------------------------- backgrounds

@@ -75,26 +75,9 @@ def encode_depth(depth: np.ndarray, compress_level: int) -> bytes:
     return encode_png16(np.clip(mm, 0, 65535).astype(np.uint16), compress_level)
 
 
-def to_jsonable(value: Any) -> Any:
-    """numpy arrays/scalars and tuples -> plain lists and Python numbers, recursively."""
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not np.isfinite(value):
-        return None  # JSON has no NaN/inf
-    return value
-
-
 def encode_json(metadata: dict[str, Any]) -> bytes:
     """Canonical JSON: sorted keys, shortest round-trip float repr, so equal inputs give equal bytes."""
-    return ds.canonical_json(to_jsonable(metadata)).encode("utf-8")
+    return ds.canonical_json(ds.to_jsonable(metadata)).encode("utf-8")
 
 
 def encode_sample(index: int, rendered: Any, metadata: dict[str, Any], settings: Any) -> dict[str, Any]:
@@ -393,7 +376,7 @@ def holds_dataset_files(out_dir: Path) -> bool:
 
 
 def write_run_config(out_dir: Path, run: dict[str, Any]) -> None:
-    ds.write_text_atomic(run_config_path(out_dir), ds.canonical_json(to_jsonable(run), indent=1) + "\n")
+    ds.write_text_atomic(run_config_path(out_dir), ds.canonical_json(ds.to_jsonable(run), indent=1) + "\n")
 
 
 def part_taxonomy() -> dict[str, Any]:
