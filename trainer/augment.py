@@ -1,33 +1,35 @@
 """Training-time augmentation for synthetic-to-real generalisation, cheap enough for 2 CPU cores.
 
-Split in two so that the per-sample work in a loader worker is little more than decoding:
-- per sample (`draw_params`, `fit_sample`): every random number of a sample is drawn from the sample's
-  own generator into an `AugParams`; the image is fitted to the output size (only when the shard's size
-  differs) and, with a probability, JPEG re-compressed by Pillow (the one step that needs a codec);
-- per batch (`augment_batch`), vectorised in torch after collation: random resized crop (and optional
-  flip) through one `affine_grid` + `grid_sample` (bilinear for RGB, nearest for the labels, so labels
-  move with their pixels), colour jitter as a per-sample 3x3 colour matrix + offset, blur as a separable
-  Gaussian with per-sample kernels, noise from a fixed bank of fields, random erasing through masks.
-Erased pixels keep their labels but are marked invalid, so no loss trusts them. Every batch operation is
-elementwise or a fixed-order sum, so a batch is bit-identical whichever process or thread count made it.
+Split in two by cost, not by kind, so that a loader worker spends its time on a handful of SIMD passes
+over uint8 pixels instead of float tensors:
+- per sample (`draw_params`, `fit_sample`), in the loader worker: every random number of a sample is
+  drawn at once from the sample's own generator into an `AugParams`; then, on the uint8 image through
+  OpenCV, one resample does the fit to the output size, the random resized crop (and optional flip;
+  bilinear RGB, labels nearest at the same pixel centres, so labels move with their pixels), followed by
+  JPEG re-compression at the output size (when drawn), colour jitter as one 3x4 colour matrix and blur as
+  a separable Gaussian;
+- per batch (`augment_batch`), vectorised in torch after collation: noise from a fixed bank of fields and
+  random erasing through masks, on the float images.
+Erased pixels keep their labels but are marked invalid, so no loss trusts them. Every step is a
+single-threaded pass or an elementwise op, so a batch is bit-identical whichever process made it.
+The torch versions of colour, blur and noise for float batches (`photometric`) use the same definitions.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from protoreg.dataset import opencv
 from trainer.config import AugmentConfig
 
 
 @dataclass
 class PhotoParams:
-    """Per-sample photometric parameters (colour, blur, noise) applied to the whole batch at once."""
+    """Per-sample photometric parameters: colour and blur (applied per sample), noise (per batch)."""
 
     brightness: float = 1.0
     contrast: float = 1.0
@@ -38,6 +40,10 @@ class PhotoParams:
     noise_std: float = 0.0
     noise_seed: int = 0
 
+    @property
+    def recolours(self) -> bool:
+        return (self.brightness, self.contrast, self.saturation, self.hue, self.gray) != (1, 1, 1, 0, False)
+
 
 @dataclass
 class AugParams:
@@ -46,7 +52,7 @@ class AugParams:
     box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)  # crop (x0, y0, w, h) as image fractions
     flip: bool = False
     photo: PhotoParams = field(default_factory=PhotoParams)
-    mean_gray: float = 0.5  # the fitted image's mean grey in [0, 1] (contrast pivots around it)
+    mean_gray: float = 0.5  # the cropped image's mean grey in [0, 1] (contrast pivots around it)
     jpeg_quality: int = 0  # 0 = no re-compression
     erase: tuple[int, int, int, int] | None = None  # (y0, x0, h, w) in output pixels
     erase_fill: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -54,6 +60,33 @@ class AugParams:
     @property
     def geometric(self) -> bool:
         return self.flip or self.box != (0.0, 0.0, 1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Drawing the parameters
+
+
+def uniform(u: float, bounds: tuple[float, float]) -> float:
+    """A uniform draw in [lo, hi) from a uniform u in [0, 1)."""
+    return float(bounds[0] + (bounds[1] - bounds[0]) * u)
+
+
+def log_uniform(u: float, bounds: tuple[float, float]) -> float:
+    return float(np.exp(uniform(u, (np.log(bounds[0]), np.log(bounds[1])))))
+
+
+def random_crop(
+    u: np.ndarray, src_hw: tuple[int, int], out_hw: tuple[int, int], cfg: AugmentConfig
+) -> tuple[float, float, float, float]:
+    """(x0, y0, w, h) in source pixels of a random crop with the output's aspect ratio (jittered), from 4
+    uniforms: area share, aspect jitter, x and y position."""
+    sh, sw = src_hw
+    oh, ow = out_hw
+    area = sh * sw * uniform(u[0], cfg.crop_scale)
+    ratio = ow / oh * log_uniform(u[1], cfg.crop_ratio)
+    w = min(float(np.sqrt(area * ratio)), sw)
+    h = min(float(np.sqrt(area / ratio)), sh)
+    return (float(u[2] * (sw - w)), float(u[3] * (sh - h)), w, h)
 
 
 def crop_box(
@@ -65,101 +98,153 @@ def crop_box(
     """
     sh, sw = src_hw
     oh, ow = out_hw
-    target = ow / oh
     if cfg is None or not cfg.enabled:
-        w = min(sw, sh * target)
-        h = w / target
+        w = min(sw, sh * ow / oh)
+        h = w * oh / ow
         return ((sw - w) / 2, (sh - h) / 2, w, h)
-    area = sh * sw * rng.uniform(*cfg.crop_scale)
-    ratio = target * np.exp(rng.uniform(np.log(cfg.crop_ratio[0]), np.log(cfg.crop_ratio[1])))
-    w = min(float(np.sqrt(area * ratio)), sw)
-    h = min(float(np.sqrt(area / ratio)), sh)
-    x0 = rng.uniform(0, sw - w) if sw > w else 0.0
-    y0 = rng.uniform(0, sh - h) if sh > h else 0.0
-    return (x0, y0, w, h)
+    return random_crop(rng.random(4), src_hw, out_hw, cfg)
 
 
-def resize_rgb(
-    rgb: np.ndarray, box: tuple[float, float, float, float], out_hw: tuple[int, int]
-) -> np.ndarray:
-    """Crop `box` and resize to out_hw with Pillow's bilinear filter (antialiased)."""
-    x0, y0, w, h = box
-    oh, ow = out_hw
-    if (x0, y0, w, h) == (0, 0, rgb.shape[1], rgb.shape[0]) and (oh, ow) == rgb.shape[:2]:
-        return rgb
-    return np.asarray(Image.fromarray(rgb).resize((ow, oh), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h)))
-
-
-def resize_labels(
-    labels: np.ndarray, box: tuple[float, float, float, float], out_hw: tuple[int, int]
-) -> np.ndarray:
-    """Nearest-neighbour crop+resize of a label map (labels are never blended)."""
-    x0, y0, w, h = box
-    oh, ow = out_hw
-    if (x0, y0, w, h) == (0, 0, labels.shape[1], labels.shape[0]) and (oh, ow) == labels.shape[:2]:
-        return labels
-    ys = np.minimum(np.floor(y0 + (np.arange(oh) + 0.5) * (h / oh)).astype(np.intp), labels.shape[0] - 1)
-    xs = np.minimum(np.floor(x0 + (np.arange(ow) + 0.5) * (w / ow)).astype(np.intp), labels.shape[1] - 1)
-    return labels.take(ys, axis=0).take(xs, axis=1)
-
-
-def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=int(quality))
-    buf.seek(0)
-    with Image.open(buf) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def erase_box(rng: np.random.Generator, hw: tuple[int, int], area: tuple[float, float]) -> tuple[int, ...]:
+def erase_box(u: np.ndarray, hw: tuple[int, int], area: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(y0, x0, h, w) of a random-erasing box from 4 uniforms: area share, aspect ratio, y and x."""
     h, w = hw
-    a = h * w * rng.uniform(*area)
-    ratio = np.exp(rng.uniform(np.log(0.3), np.log(3.3)))
+    a = h * w * uniform(u[0], area)
+    ratio = log_uniform(u[1], (0.3, 3.3))
     eh = int(min(h, max(1, round(np.sqrt(a / ratio)))))
     ew = int(min(w, max(1, round(np.sqrt(a * ratio)))))
-    y0 = int(rng.integers(0, h - eh + 1))
-    x0 = int(rng.integers(0, w - ew + 1))
-    return y0, x0, eh, ew
+    return int(u[2] * (h - eh + 1)), int(u[3] * (w - ew + 1)), eh, ew
+
+
+NUM_DRAWS = 25  # uniforms per sample, drawn as one vector (separate generator calls cost more)
 
 
 def draw_params(rng: np.random.Generator, out_hw: tuple[int, int], cfg: AugmentConfig | None) -> AugParams:
-    """All of a sample's random choices. The number and order of draws from `rng` are fixed, whatever the
-    probabilities decide, so one setting never shifts the random numbers of another."""
+    """All of a sample's random choices from its own generator (see `params_from_draws`)."""
+    if cfg is None or not cfg.enabled:
+        return AugParams()
+    return params_from_draws(rng.random(NUM_DRAWS), out_hw, cfg)
+
+
+def params_from_draws(u: np.ndarray, out_hw: tuple[int, int], cfg: AugmentConfig | None) -> AugParams:
+    """A sample's parameters from NUM_DRAWS uniforms in [0, 1): every choice has its own fixed slot, so one
+    setting never shifts the random numbers of another."""
     if cfg is None or not cfg.enabled:
         return AugParams()
     oh, ow = out_hw
-    x0, y0, w, h = crop_box(rng, out_hw, out_hw, cfg)
-    box = (x0 / ow, y0 / oh, w / ow, h / oh)
-    u = rng.random(8)
-    jpeg_q = int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1))
+    x0, y0, w, h = random_crop(u[0:4], out_hw, out_hw, cfg)
+    q_lo, q_hi = cfg.jpeg_quality
     photo = PhotoParams(
-        brightness=float(1 + rng.uniform(-cfg.brightness, cfg.brightness)),
-        contrast=float(1 + rng.uniform(-cfg.contrast, cfg.contrast)),
-        saturation=float(1 + rng.uniform(-cfg.saturation, cfg.saturation)),
-        hue=float(rng.uniform(-cfg.hue, cfg.hue)),
-        gray=bool(u[0] < cfg.gray_p),
-        blur_sigma=float(rng.uniform(*cfg.blur_sigma)) if u[1] < cfg.blur_p else 0.0,
-        noise_std=float(rng.uniform(*cfg.noise_std)) if u[2] < cfg.noise_p else 0.0,
-        noise_seed=int(rng.integers(0, 2**31 - 1)),
+        brightness=uniform(u[5], (1 - cfg.brightness, 1 + cfg.brightness)),
+        contrast=uniform(u[6], (1 - cfg.contrast, 1 + cfg.contrast)),
+        saturation=uniform(u[7], (1 - cfg.saturation, 1 + cfg.saturation)),
+        hue=uniform(u[8], (-cfg.hue, cfg.hue)),
+        gray=bool(u[9] < cfg.gray_p),
+        blur_sigma=uniform(u[11], cfg.blur_sigma) if u[10] < cfg.blur_p else 0.0,
+        noise_std=uniform(u[13], cfg.noise_std) if u[12] < cfg.noise_p else 0.0,
+        noise_seed=int(u[14] * (2**31 - 1)),
     )
-    box_e = erase_box(rng, out_hw, cfg.erase_area)
-    fill = rng.integers(0, 256, size=3)
     return AugParams(
-        box=box,
-        flip=bool(cfg.flip and u[5] < 0.5),
+        box=(x0 / ow, y0 / oh, w / ow, h / oh),
+        flip=bool(cfg.flip and u[17] < 0.5),
         photo=photo,
-        jpeg_quality=jpeg_q if u[3] < cfg.jpeg_p else 0,
-        erase=tuple(box_e) if u[4] < cfg.erase_p else None,
-        erase_fill=tuple(float(v) / 255 for v in fill),
+        jpeg_quality=min(q_hi, q_lo + int(u[4] * (q_hi - q_lo + 1))) if u[15] < cfg.jpeg_p else 0,
+        erase=erase_box(u[18:22], out_hw, cfg.erase_area) if u[16] < cfg.erase_p else None,
+        erase_fill=tuple(float(int(v * 256)) / 255 for v in u[22:25]),
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per sample (uint8 HWC images, OpenCV, in the loader worker)
+
+
+def pixel_box(
+    box: tuple[float, float, float, float], src_hw: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """A box in source pixels rounded to whole pixels (at least one) inside the image: the crop is random
+    anyway, and whole-pixel boxes let one fast resize do the resampling."""
+    x0, y0, w, h = box
+    sh, sw = src_hw
+    wi, hi = min(sw, max(1, round(w))), min(sh, max(1, round(h)))
+    return min(max(0, round(x0)), sw - wi), min(max(0, round(y0)), sh - hi), wi, hi
+
+
+def resize_rgb(rgb: np.ndarray, box: tuple[int, int, int, int], out_hw: tuple[int, int]) -> np.ndarray:
+    """Crop a whole-pixel `box` (x0, y0, w, h) and resize to out_hw: bilinear at pixel centres when
+    enlarging (the random crop), area-averaging when shrinking (no aliasing when shards are larger)."""
+    x0, y0, w, h = box
+    oh, ow = out_hw
+    roi = rgb[y0 : y0 + h, x0 : x0 + w]
+    if (h, w) == (oh, ow):
+        return roi if roi.shape[:2] == rgb.shape[:2] else np.ascontiguousarray(roi)
+    cv2 = opencv()
+    shrink = ow <= w and oh <= h
+    return cv2.resize(roi, (ow, oh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def resize_labels(labels: np.ndarray, box: tuple[int, int, int, int], out_hw: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour crop of a whole-pixel `box` and resize of a label map (labels are never blended):
+    each output pixel takes the source pixel containing its centre, the point the RGB is interpolated at
+    (OpenCV's INTER_NEAREST_EXACT is exactly that rule)."""
+    x0, y0, w, h = (int(v) for v in box)
+    oh, ow = out_hw
+    roi = labels[y0 : y0 + h, x0 : x0 + w]
+    if (h, w) == (oh, ow):
+        return roi if roi.shape == labels.shape else np.ascontiguousarray(roi)
+    cv2 = opencv()
+    return cv2.resize(roi, (ow, oh), interpolation=cv2.INTER_NEAREST_EXACT)
+
+
+def crop_sample(
+    rgb: np.ndarray, parts: np.ndarray, vid: np.ndarray, params: AugParams, out_hw: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fit to out_hw (largest centred crop of its aspect ratio) and the random resized crop in one
+    resample. A flipped sample gets mirrored part ids and no vertex ids."""
+    fx, fy, fw, fh = crop_box(None, parts.shape, out_hw, None)
+    bx, by, bw, bh = params.box
+    box = pixel_box((fx + bx * fw, fy + by * fh, bw * fw, bh * fh), parts.shape)
+    rgb = resize_rgb(rgb, box, out_hw)
+    parts = resize_labels(parts, box, out_hw)
+    vid = resize_labels(vid, box, out_hw)
+    if params.flip:
+        from protoreg.parts import MIRROR_PART
+
+        rgb = np.ascontiguousarray(rgb[:, ::-1])
+        parts = MIRROR_PART.astype(np.uint8)[parts[:, ::-1]]
+        vid = np.zeros_like(vid)
+    return rgb, parts, vid
+
+
+def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """JPEG-compress and decode again (4:2:0, like the generator's and most cameras' files)."""
+    cv2 = opencv()
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)  # OpenCV's encoder expects BGR (luma/chroma split)
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise RuntimeError("JPEG re-compression failed")
+    return cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)
 
 
 def mean_gray(rgb: np.ndarray) -> float:
-    """Mean grey of a uint8 image from an exact integer sum over every 4th pixel (float64 means over the
-    whole image cost more than the decode)."""
-    sub = rgb[::4, ::4].reshape(-1, 3)
-    sums = sub.sum(axis=0, dtype=np.int64)
-    return float(sums @ np.array([0.299, 0.587, 0.114])) / (255 * max(1, len(sub)))
+    """Mean grey of a uint8 image in [0, 1] (one SIMD pass)."""
+    means = opencv().mean(rgb)[:3]
+    return float(np.dot(means, GRAY_NP)) / 255
+
+
+def colour_sample(rgb: np.ndarray, params: AugParams) -> np.ndarray:
+    """Colour jitter of one uint8 image through its 3x4 colour matrix (rounded, saturated)."""
+    if not params.photo.recolours:
+        return rgb
+    lin, offset = colour_matrix(params.photo, params.mean_gray)
+    return opencv().transform(rgb, np.concatenate([lin, 255 * offset[:, None]], axis=1))
+
+
+def blur_sample(rgb: np.ndarray, params: AugParams) -> np.ndarray:
+    """Separable Gaussian blur of one uint8 image (edges replicated)."""
+    if params.photo.blur_sigma <= 0:
+        return rgb
+    cv2 = opencv()
+    k = gaussian_kernel(params.photo.blur_sigma)
+    return cv2.sepFilter2D(rgb, -1, k, k, borderType=cv2.BORDER_REPLICATE)
 
 
 def fit_sample(
@@ -170,111 +255,117 @@ def fit_sample(
     out_hw: tuple[int, int],
     cfg: AugmentConfig | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, AugParams]:
-    """The per-sample part: the sample's random parameters, the image fitted to out_hw (largest centred
-    crop of its aspect ratio; a no-op when the shard already has that size), JPEG re-compression when
-    drawn. Everything else is deferred to `augment_batch`."""
+    """Draw a sample's parameters from `rng` and run its per-sample part (`augment_sample`)."""
     params = draw_params(rng, out_hw, cfg)
-    box = crop_box(rng, parts.shape, out_hw, None)
-    rgb = resize_rgb(rgb, box, out_hw)
-    parts = resize_labels(parts, box, out_hw)
-    vid = resize_labels(vid, box, out_hw)
+    return (*augment_sample(params, rgb, parts, vid, out_hw), params)
+
+
+def augment_sample(
+    params: AugParams, rgb: np.ndarray, parts: np.ndarray, vid: np.ndarray, out_hw: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The per-sample part: fit + random resized crop to out_hw, JPEG re-compression when drawn, colour
+    jitter and blur (sets params.mean_gray). Noise and erasing are left to `augment_batch`."""
+    rgb, parts, vid = crop_sample(rgb, parts, vid, params, out_hw)
     if params.jpeg_quality:
         rgb = jpeg_roundtrip(rgb, params.jpeg_quality)
-    params.mean_gray = mean_gray(rgb)
-    return rgb, parts, vid, params
+    if params.photo.recolours:
+        params.mean_gray = mean_gray(rgb)
+    rgb = colour_sample(rgb, params)
+    rgb = blur_sample(rgb, params)
+    return rgb, parts, vid
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Batch level (torch, after collation)
 
 
-def crop_coords(params: list[AugParams], hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampling positions of every sample's crop box (and flip) in grid_sample's normalised coordinates
-    (align_corners=False): gx (B,W) per output column, gy (B,H) per output row. Crops are axis-aligned,
-    so rows and columns suffice (affine_grid's batched matmul costs more than the resampling)."""
-    h, w = hw
-    boxes = torch.tensor([p.box for p in params], dtype=torch.float32)  # (B, 4) x0, y0, w, h fractions
-    flip = torch.tensor([-1.0 if p.flip else 1.0 for p in params])
-    u = (torch.arange(w, dtype=torch.float32) + 0.5) / w * 2 - 1  # output pixel centres in [-1, 1]
-    v = (torch.arange(h, dtype=torch.float32) + 0.5) / h * 2 - 1
-    gx = (flip * boxes[:, 2])[:, None] * u[None] + (2 * boxes[:, 0] + boxes[:, 2] - 1)[:, None]
-    gy = boxes[:, 3:4] * v[None] + (2 * boxes[:, 1] + boxes[:, 3] - 1)[:, None]
-    return gx, gy
-
-
-def crop_grid(params: list[AugParams], hw: tuple[int, int]) -> torch.Tensor:
-    """(B,H,W,2) sampling grid of the crops, for grid_sample(align_corners=False)."""
-    h, w = hw
-    gx, gy = crop_coords(params, hw)
-    b = len(params)
-    return torch.stack([gx[:, None, :].expand(b, h, w), gy[:, :, None].expand(b, h, w)], dim=-1)
-
-
-def nearest_labels(labels: torch.Tensor, gx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
-    """Nearest-neighbour resampling of (B,H,W) labels at the crop positions, as one gather (the source
-    pixel whose cell contains the sampling point, the same point the RGB is interpolated at)."""
-    b, h, w = labels.shape
-    xs = ((gx + 1) * (w / 2)).floor().clamp_(0, w - 1).long()
-    ys = ((gy + 1) * (h / 2)).floor().clamp_(0, h - 1).long()
-    return labels[torch.arange(b)[:, None, None], ys[:, :, None], xs[:, None, :]]
-
-
-def crop_batch(
+def augment_batch(
     images: torch.Tensor, parts: torch.Tensor, vid: torch.Tensor, params: list[AugParams]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random resized crop of the samples that have one: bilinear RGB, nearest labels at the same
-    positions, so labels move with their pixels. A flipped sample gets mirrored part ids and no vertex ids."""
-    idx = [i for i, p in enumerate(params) if p.geometric]
-    if not idx:
-        return images, parts, vid
-    hw = tuple(images.shape[-2:])
-    sub = [params[i] for i in idx]
-    gx, gy = crop_coords(sub, hw)
-    grid = crop_grid(sub, hw)
-    if len(idx) == len(params):
-        images = F.grid_sample(images, grid, "bilinear", padding_mode="border", align_corners=False)
-        parts, vid = nearest_labels(parts, gx, gy), nearest_labels(vid, gx, gy)
-    else:
-        sel = torch.tensor(idx)
-        images[sel] = F.grid_sample(images[sel], grid, "bilinear", padding_mode="border", align_corners=False)
-        parts[sel], vid[sel] = nearest_labels(parts[sel], gx, gy), nearest_labels(vid[sel], gx, gy)
-    flipped = [i for i in idx if params[i].flip]
-    if flipped:
-        from protoreg.parts import MIRROR_PART
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch half: images (B,3,H,W) float in [0,1] of `fit_sample`ed samples, parts/vid (B,H,W)
+    integer -> noised and erased images, parts and vid (long), valid (B,H,W) bool."""
+    images = noise_batch(images, params)
+    images, valid = erase_batch(images, params)
+    return images, parts.long(), vid.long(), valid
 
-        rows = torch.tensor(flipped)
-        parts[rows] = torch.from_numpy(MIRROR_PART.astype(np.int64))[parts[rows].long()].to(parts.dtype)
-        vid[rows] = 0
-    return images, parts, vid
+
+def noise_batch(images: torch.Tensor, params: list[AugParams]) -> torch.Tensor:
+    """Gaussian noise from the fixed field bank (shifted per sample) for the samples that drew it, clipped
+    to [0, 1] (the other samples are in range already). In place, through numpy (one thread)."""
+    _, _, h, w = images.shape
+    x = images.numpy()
+    for i, p in enumerate(params):
+        if p.photo.noise_std > 0:
+            x[i] += shifted_noise(p.photo.noise_seed, (h, w)).numpy() * np.float32(p.photo.noise_std)
+            np.clip(x[i], 0, 1, out=x[i])
+    return images
+
+
+def erase_batch(images: torch.Tensor, params: list[AugParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paint every drawn erase box with its fill colour; -> images, valid (B,H,W) False inside the boxes."""
+    b, _, h, w = images.shape
+    x = images.numpy()
+    valid = np.ones((b, h, w), dtype=bool)
+    for i, p in enumerate(params):
+        if p.erase is not None:
+            y0, x0, eh, ew = p.erase
+            x[i, :, y0 : y0 + eh, x0 : x0 + ew] = np.array(p.erase_fill, dtype=np.float32)[:, None, None]
+            valid[i, y0 : y0 + eh, x0 : x0 + ew] = False
+    return images, torch.from_numpy(valid)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The colour and blur definitions, and their torch versions for float batches (`photometric`)
+
+GRAY_NP = np.array([0.299, 0.587, 0.114])
+TO_YIQ_NP = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+FROM_YIQ_NP = np.linalg.inv(TO_YIQ_NP)
+GRAY = torch.tensor(GRAY_NP, dtype=torch.float32)
+TO_YIQ = torch.tensor(TO_YIQ_NP, dtype=torch.float32)
+FROM_YIQ = torch.tensor(FROM_YIQ_NP, dtype=torch.float32)
+_TO_GREY = np.outer(np.ones(3), GRAY_NP)  # x -> grey(x) on every channel
+# The YIQ hue rotation FROM @ R(a) @ TO, split as fixed + cos(a) * _HUE_COS + sin(a) * _HUE_SIN.
+_HUE_FIXED = np.outer(FROM_YIQ_NP[:, 0], TO_YIQ_NP[0])
+_HUE_COS = FROM_YIQ_NP[:, 1:] @ TO_YIQ_NP[1:]
+_HUE_SIN = FROM_YIQ_NP[:, 1:] @ np.array([[0.0, -1.0], [1.0, 0.0]]) @ TO_YIQ_NP[1:]
+BLUR_RADIUS = 3
+NOISE_FIELDS = 8  # a fixed bank of unit-variance noise fields per image size, shared by all samples
+_noise_bank: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def colour_matrix(p: PhotoParams, mean_gray: float) -> tuple[np.ndarray, np.ndarray]:
+    """Brightness, contrast, saturation/grey and hue folded into one affine map: x' = A x + c (x in [0,1]).
+
+    brightness: x*b; contrast: (x - m)*k + m with m the image's mean grey after brightness;
+    saturation: (x - g(x))*s + g(x); hue: rotation about the grey axis (YIQ), which keeps grey, so
+    A = b*k*(s*H + (1 - s)*G) with H the hue rotation and G the map to grey. -> A (3,3), c (3,).
+    """
+    sat = 0.0 if p.gray else p.saturation
+    a = p.hue * 2 * np.pi
+    hue = _HUE_FIXED + np.cos(a) * _HUE_COS + np.sin(a) * _HUE_SIN
+    lin = (sat * hue + (1 - sat) * _TO_GREY) * (p.brightness * p.contrast)
+    offset = np.full(3, mean_gray * p.brightness * (1 - p.contrast))  # grey: unchanged by sat and hue
+    return lin, offset
 
 
 def colour_batch(images: torch.Tensor, params: list[AugParams]) -> torch.Tensor:
-    """Colour jitter of a batch as x' = A x + c per sample, written as explicit per-channel sums (fixed
-    order: identical results for any thread count)."""
-    photos = [p.photo for p in params]
-    if all(p == PhotoParams() for p in photos):
+    """Colour jitter of a float batch as x' = A x + c per sample (the 3-term sums have a fixed order:
+    identical results for any thread count)."""
+    if not any(p.photo.recolours for p in params):
         return images
-    b = len(params)
-    lin, offset = colour_transform(photos, torch.tensor([p.mean_gray for p in params], dtype=torch.float32))
-    return apply_affine_colour(images, lin.view(b, 3, 3, 1, 1), offset.view(b, 3, 1, 1))
-
-
-def apply_affine_colour(images: torch.Tensor, lin: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """images (B,3,H,W), lin (B,3,3,1,1), offset (B,3,1,1) -> A x + c as one batched matrix product
-    (the inner dimension is 3, so every output is the same 3-term sum whatever the thread count)."""
     b, _, h, w = images.shape
+    maps = [colour_matrix(p.photo, p.mean_gray) for p in params]
+    lin = torch.tensor(np.stack([m[0] for m in maps]), dtype=torch.float32)
+    offset = torch.tensor(np.stack([m[1] for m in maps]), dtype=torch.float32)
     x = images.reshape(b, 3, h * w)
-    return torch.baddbmm(offset.view(b, 3, 1), lin.view(b, 3, 3), x).view(b, 3, h, w)
+    return torch.baddbmm(offset.view(b, 3, 1), lin, x).view(b, 3, h, w)
 
 
-BLUR_RADIUS = 3
-
-
-def gaussian_kernels(sigmas: torch.Tensor) -> torch.Tensor:
-    """(K, 2r+1) normalised 1-D Gaussians, one per sigma."""
-    x = torch.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x[None] / sigmas[:, None]) ** 2)
-    return k / k.sum(dim=1, keepdim=True)
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    """(2r+1,) normalised 1-D Gaussian."""
+    x = np.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, dtype=np.float32)
+    k = np.exp(-0.5 * (x / np.float32(sigma)) ** 2)
+    return k / k.sum()
 
 
 def blur_batch(images: torch.Tensor, params: list[AugParams]) -> torch.Tensor:
@@ -284,7 +375,7 @@ def blur_batch(images: torch.Tensor, params: list[AugParams]) -> torch.Tensor:
     if not idx:
         return images
     sel = torch.tensor(idx)
-    k = gaussian_kernels(torch.tensor([params[i].photo.blur_sigma for i in idx], dtype=torch.float32))
+    k = torch.from_numpy(np.stack([gaussian_kernel(params[i].photo.blur_sigma) for i in idx]))
     k = k.repeat_interleave(3, dim=0)  # (K*3, taps): one kernel per channel of each sample
     x = images[sel]
     n, _, h, w = x.shape
@@ -294,79 +385,6 @@ def blur_batch(images: torch.Tensor, params: list[AugParams]) -> torch.Tensor:
     x = F.conv2d(x, k.view(n * 3, 1, -1, 1), groups=n * 3)
     images[sel] = x.view(n, 3, h, w)
     return images
-
-
-def noise_batch(images: torch.Tensor, params: list[AugParams]) -> torch.Tensor:
-    """Gaussian noise from the fixed field bank (shifted per sample) for the samples that drew it."""
-    _, _, h, w = images.shape
-    for i, p in enumerate(params):
-        if p.photo.noise_std > 0:
-            images[i].add_(shifted_noise(p.photo.noise_seed, (h, w)), alpha=p.photo.noise_std)
-    return images
-
-
-def erase_batch(images: torch.Tensor, params: list[AugParams]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paint every drawn erase box with its fill colour; -> images, valid (B,H,W) False inside the boxes."""
-    b, _, h, w = images.shape
-    valid = torch.ones(b, h, w, dtype=torch.bool)
-    for i, p in enumerate(params):
-        if p.erase is not None:
-            y0, x0, eh, ew = p.erase
-            images[i, :, y0 : y0 + eh, x0 : x0 + ew] = torch.tensor(p.erase_fill).view(3, 1, 1)
-            valid[i, y0 : y0 + eh, x0 : x0 + ew] = False
-    return images, valid
-
-
-def augment_batch(
-    images: torch.Tensor, parts: torch.Tensor, vid: torch.Tensor, params: list[AugParams]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """images (B,3,H,W) float in [0,1], parts/vid (B,H,W) integer -> augmented images, parts and vid
-    (long), valid (B,H,W) bool."""
-    images, parts, vid = crop_batch(images, parts, vid, params)
-    images = colour_batch(images, params)
-    images = blur_batch(images, params)
-    images = noise_batch(images, params)
-    images, valid = erase_batch(images, params)
-    return images.clamp_(0, 1), parts.long(), vid.long(), valid
-
-
-GRAY = torch.tensor([0.299, 0.587, 0.114])
-TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-FROM_YIQ = torch.linalg.inv(TO_YIQ)
-NOISE_FIELDS = 8  # a fixed bank of unit-variance noise fields per image size, shared by all samples
-_noise_bank: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _hue_matrices(turns: torch.Tensor) -> torch.Tensor:
-    """(B,3,3) RGB->RGB rotations about the grey axis (YIQ hue rotation)."""
-    a = turns * 2 * torch.pi
-    c, s = torch.cos(a), torch.sin(a)
-    rot = torch.zeros(len(turns), 3, 3)
-    rot[:, 0, 0] = 1
-    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
-    return FROM_YIQ @ rot @ TO_YIQ
-
-
-def colour_transform(params: list[PhotoParams], mean_gray: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Brightness, contrast, saturation/grey and hue folded into one affine map per image: x' = A x + c.
-
-    brightness: x*b; contrast: (x - m)*k + m with m the image's mean grey after brightness;
-    saturation: (x - g(x))*s + g(x); hue: rotation about the grey axis.
-    """
-    b = len(params)
-
-    def col(name: str) -> torch.Tensor:
-        return torch.tensor([float(getattr(p, name)) for p in params], dtype=torch.float32)
-
-    bright, contrast = col("brightness"), col("contrast")
-    sat = col("saturation") * (1 - col("gray"))
-    eye = torch.eye(3).expand(b, 3, 3)
-    g = torch.ones(3, 1) * GRAY[None]  # x -> grey(x) broadcast to RGB
-    sat_m = sat.view(b, 1, 1) * eye + (1 - sat).view(b, 1, 1) * g
-    lin = _hue_matrices(col("hue")) @ sat_m * (bright * contrast).view(b, 1, 1)
-    m = mean_gray * bright
-    offset_vec = (m * (1 - contrast)).view(b, 1) * torch.ones(b, 3)  # grey offset: unchanged by sat and hue
-    return lin, offset_vec
 
 
 def noise_field(index: int, hw: tuple[int, int]) -> torch.Tensor:
@@ -383,12 +401,13 @@ def shifted_noise(seed: int, hw: tuple[int, int]) -> torch.Tensor:
     """A bank field rolled by a seed-dependent shift, so samples sharing a field still differ."""
     h, w = hw
     shift = (seed // NOISE_FIELDS) % (h * w)
-    return noise_field(seed, hw).reshape(3, -1).roll(shift, dims=1).view(3, h, w)
+    field = noise_field(seed, hw).numpy().reshape(3, -1)
+    return torch.from_numpy(np.roll(field, shift, axis=1).reshape(3, h, w))
 
 
 def photometric(images: torch.Tensor, params: list[PhotoParams]) -> torch.Tensor:
     """Colour jitter, grey, blur and noise for a float batch (B,3,H,W) in [0,1] (the mean grey is measured
-    on the batch itself): the photometric half of `augment_batch`."""
+    on the batch itself), with the same definitions as the loader's per-sample path."""
     if not params or all(p == PhotoParams() for p in params):
         return images
     b, _, h, w = images.shape

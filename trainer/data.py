@@ -17,7 +17,6 @@ and counted (`skipped` in each batch) instead of crashing the run.
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import sys
@@ -30,12 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
 from protoreg import dataset as ds
-from trainer.augment import augment_batch, fit_sample
+from trainer.augment import NUM_DRAWS, AugParams, augment_batch, augment_sample, fit_sample, params_from_draws
 from trainer.config import AugmentConfig
 
 REQUIRED = ds.SAMPLE_ENTRIES
@@ -410,6 +408,36 @@ def tar_members(opened: Iterator[dict[str, Any]], handler: SkipCounter) -> Itera
                 close()
 
 
+_BASE_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/extension split
+
+
+def group_samples(
+    files: Iterator[dict[str, Any]], keep: set[str], handler: SkipCounter
+) -> Iterator[dict[str, Any]]:
+    """Consecutive tar members with the same key -> one sample holding only the entries in `keep`
+    (webdataset's group_by_keys, without its per-member overhead that every worker pays for every
+    sample); a duplicate entry is counted and dropped."""
+    current: dict[str, Any] | None = None
+    seen: set[str] = set()
+    for f in files:
+        m = _BASE_EXT.match(f["fname"])
+        if m is None:
+            continue
+        key, ext = m.group(1), m.group(2).lower()
+        if current is None or key != current["__key__"]:
+            if current is not None:
+                yield current
+            current, seen = {"__key__": key, "__url__": f["__url__"]}, set()
+        if ext in seen:
+            handler(ValueError(f"{f['fname']}: duplicate file name in tar file"))
+            continue
+        seen.add(ext)
+        if ext in keep:
+            current[ext] = f["data"]
+    if current is not None:
+        yield current
+
+
 def raw_samples(
     urls: list[str], handler: SkipCounter, bad_samples: list[int], shard_log: list[str] | None = None
 ) -> Iterator[dict[str, Any]]:
@@ -420,17 +448,11 @@ def raw_samples(
         if shard_log is not None:
             shard_log.append(url)
         stream = tariterators.url_opener([dict(url=url)], handler=handler)
-        files = tar_members(stream, handler)
-        for sample in tariterators.group_by_keys(files, handler=handler):
-            clean = {"__key__": sample.get("__key__"), "__url__": sample.get("__url__")}
-            for k, v in sample.items():
-                name = k.lstrip(".")
-                if name in keep:
-                    clean[name] = v
-            if any(e not in clean for e in REQUIRED):
+        for sample in group_samples(tar_members(stream, handler), keep, handler):
+            if any(e not in sample for e in REQUIRED):
                 bad_samples[0] += 1
                 continue
-            yield clean
+            yield sample
 
 
 def shuffled(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -449,8 +471,11 @@ def shuffled(items: Iterator[Any], size: int, rng: np.random.Generator) -> Itera
         yield buf.pop()
 
 
-def sample_rng(seed: int, rank: int, position: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, rank, position, 0xA06]))
+def batch_draws(seed: int, rank: int, batch_index: int, batch_size: int) -> np.ndarray:
+    """(batch_size, NUM_DRAWS) uniforms of batch b: row i holds the augmentation draws of position
+    b*batch_size + i (one generator per batch; one per sample cost as much as a decode)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, rank, batch_index, 0xA06]))
+    return rng.random((batch_size, NUM_DRAWS))
 
 
 def identity_of(meta: dict[str, Any]) -> int:
@@ -462,21 +487,13 @@ def identity_of(meta: dict[str, Any]) -> int:
     raise ds.DatasetFormatError("json: no identity id (expected identity.id)")
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    """JPEG bytes -> (H, W, 3) uint8 through Pillow, converting only when the file is not already RGB."""
-    with Image.open(io.BytesIO(data)) as im:
-        if im.format != "JPEG":
-            raise ds.DatasetFormatError(f"rgb.jpg: expected a JPEG, got {im.format}")
-        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
-
-
 def decode_training_entries(raw: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Only the entries training reads (rgb, parts, vid, json), with the schema's safe decoders."""
     def entry(name: str) -> bytes:
         value = raw[name]
         return value.getvalue() if hasattr(value, "getvalue") else value
 
-    rgb = decode_rgb(entry("rgb.jpg"))
+    rgb = ds.SAFE_DECODERS["rgb.jpg"](entry("rgb.jpg"))
     parts = ds.SAFE_DECODERS["parts.png"](entry("parts.png"))
     vid = ds.SAFE_DECODERS["vid.png"](entry("vid.png"))
     meta = ds.SAFE_DECODERS["json"](entry("json"))
@@ -485,16 +502,11 @@ def decode_training_entries(raw: dict[str, Any]) -> tuple[np.ndarray, np.ndarray
     return rgb, parts, vid, meta
 
 
-def decode_and_augment(
-    raw: dict[str, Any],
-    rng: np.random.Generator,
-    out_hw: tuple[int, int],
-    augment: AugmentConfig | None,
-) -> dict[str, Any]:
-    """Decode, fit to out_hw and draw the sample's augmentation parameters (applied per batch in
-    `collate`); raises on a corrupt sample."""
+def decode_and_augment(raw: dict[str, Any], params: AugParams, out_hw: tuple[int, int]) -> dict[str, Any]:
+    """Decode and run the per-sample augmentation with the sample's parameters (noise and erasing follow
+    per batch in `collate`); raises on a corrupt sample."""
     rgb, parts, vid, meta = decode_training_entries(raw)
-    rgb, parts, vid, params = fit_sample(rng, rgb, parts, vid, out_hw, augment)
+    rgb, parts, vid = augment_sample(params, rgb, parts, vid, out_hw)
     return {
         "rgb": rgb,
         "parts": parts,
@@ -507,30 +519,42 @@ def decode_and_augment(
     }
 
 
-def collate(
+def batch_array(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """An uninitialised batch tensor and its numpy view; in a DataLoader worker it lives in shared memory
+    from the start (as in torch's default_collate), so handing it to the trainer costs no extra copy."""
+    if get_worker_info() is None:
+        t = torch.empty(shape, dtype=dtype)
+    else:
+        storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(int(np.prod(shape)))
+        t = torch.empty(0, dtype=dtype).new(storage).view(shape)
+    return t, t.numpy()
+
+
+def pack_batch(
     items: list[dict[str, Any]], positions: list[int], skipped: int, batch_index: int
 ) -> dict[str, Any]:
-    """Stack decoded samples into tensors and run the batch-level augmentation with each sample's own
-    parameters (default parameters change nothing)."""
+    """Per-sample results stacked in their compact types: rgb (B,3,H,W) uint8, parts (B,H,W) uint8,
+    vid (B,H,W) uint16, plus each sample's AugParams. This is what crosses from a loader worker to the
+    trainer: a quarter of the bytes of the float/long batch, and copying batches through shared memory
+    costs more than any augmentation."""
+    b = len(items)
+    h, w = items[0]["parts"].shape if items else (1, 1)
+    rgb, rgb_np = batch_array((b, 3, h, w), torch.uint8)
+    parts, parts_np = batch_array((b, h, w), torch.uint8)
+    vid, vid_np = batch_array((b, h, w), torch.uint16)
     if items:
-        rgb = torch.from_numpy(np.stack([it["rgb"] for it in items])).permute(0, 3, 1, 2).contiguous()
-        images = rgb.float().div_(255)
-        parts = torch.from_numpy(np.stack([it["parts"] for it in items]))
-        vid = torch.from_numpy(np.stack([it["vid"] for it in items]))
-        images, parts, vid, valid = augment_batch(images, parts, vid, [it["aug"] for it in items])
-        images = images.contiguous()
-    else:
-        images, parts, vid, valid = (
-            torch.zeros(0, 3, 1, 1),
-            torch.zeros(0, 1, 1, dtype=torch.long),
-            torch.zeros(0, 1, 1, dtype=torch.long),
-            torch.zeros(0, 1, 1, dtype=torch.bool),
-        )
+        cv2 = ds.opencv()
+        for i, it in enumerate(items):
+            planes = list(rgb_np[i])
+            if cv2.split(it["rgb"], planes)[0].ctypes.data != planes[0].ctypes.data:
+                rgb_np[i] = it["rgb"].transpose(2, 0, 1)  # OpenCV declined the views: plain copy
+        np.stack([it["parts"] for it in items], out=parts_np)
+        np.stack([it["vid"] for it in items], out=vid_np, casting="unsafe")  # 16-bit PNG values
     return {
-        "images": images,
+        "rgb": rgb,
         "parts": parts,
         "vid": vid,
-        "valid": valid,
+        "aug": [it["aug"] for it in items],
         "identity": torch.tensor([it["identity"] for it in items], dtype=torch.long),
         "position": torch.tensor(positions, dtype=torch.long),
         "keys": [it["key"] for it in items],
@@ -538,6 +562,30 @@ def collate(
         "skipped": int(skipped),
         "batch_index": int(batch_index),
     }
+
+
+def finish_batch(packed: dict[str, Any]) -> dict[str, Any]:
+    """A packed batch -> the trainer's batch (see docs/trainer.md): float images in [0,1], long labels,
+    with the batch-level augmentation (noise, erasing -> `valid`) applied."""
+    out = {k: v for k, v in packed.items() if k not in ("rgb", "aug")}
+    # numpy, single-threaded on purpose: torch would split these memory-bound passes over its intra-op
+    # threads, which on a busy machine spin at barriers for more CPU than the work itself takes
+    images = packed["rgb"].numpy().astype(np.float32)
+    np.multiply(images, np.float32(1 / 255), out=images)
+    out["images"], out["parts"], out["vid"], out["valid"] = augment_batch(
+        torch.from_numpy(images),
+        torch.from_numpy(packed["parts"].numpy().astype(np.int64)),
+        torch.from_numpy(packed["vid"].numpy().astype(np.int64)),
+        packed["aug"],
+    )
+    return out
+
+
+def collate(
+    items: list[dict[str, Any]], positions: list[int], skipped: int, batch_index: int
+) -> dict[str, Any]:
+    """Samples -> the trainer's batch (`pack_batch` then `finish_batch`)."""
+    return finish_batch(pack_batch(items, positions, skipped, batch_index))
 
 
 class ShardStream(IterableDataset):
@@ -602,6 +650,7 @@ class ShardStream(IterableDataset):
         items: list[dict[str, Any]] = []
         positions: list[int] = []
         skipped = 0
+        draws, draws_of = None, -1
         for raw, pos, newly_bad in self._positions(handler, bad, log):
             b = pos // bsz
             mine = b >= self.start_batch and (b - self.start_batch) % nw == wid
@@ -610,19 +659,18 @@ class ShardStream(IterableDataset):
                 logged = len(log)
             if mine:
                 skipped += newly_bad
+                if draws_of != b:
+                    draws, draws_of = batch_draws(self.seed, self.rank, b, bsz), b
+                params = params_from_draws(draws[pos - b * bsz], self.image_hw, self.augment)
                 try:
-                    items.append(
-                        decode_and_augment(
-                            raw, sample_rng(self.seed, self.rank, pos), self.image_hw, self.augment
-                        )
-                    )
+                    items.append(decode_and_augment(raw, params, self.image_hw))
                     positions.append(pos)
                 except Exception as e:  # noqa: BLE001 - a corrupt sample is skipped and counted
                     skipped += 1
                     if len(handler.messages) < 20:
                         handler.messages.append(f"{raw.get('__key__')}: {type(e).__name__}: {e}")
             if pos % bsz == bsz - 1 and mine:
-                yield collate(items, positions, skipped, b)
+                yield pack_batch(items, positions, skipped, b)
                 items, positions, skipped = [], [], 0
 
     def _log_shards(self, urls: list[str], wid: int) -> None:
@@ -635,14 +683,26 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def make_loader(stream: ShardStream, workers: int) -> DataLoader:
-    """A DataLoader over the stream; batches are built in the workers (batch_size=None)."""
+class BatchLoader:
+    """Iterates a DataLoader of packed batches and finishes each one in this process (`finish_batch`)."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for packed in self.loader:
+            yield finish_batch(packed)
+
+
+def make_loader(stream: ShardStream, workers: int) -> BatchLoader:
+    """Batches of the stream: decoded, augmented and packed in the DataLoader workers (batch_size=None),
+    finished (float conversion, noise, erasing) in the consuming process."""
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs = {"prefetch_factor": 4, "persistent_workers": False, "worker_init_fn": _worker_init}
         if sys.platform == "linux":
             kwargs["multiprocessing_context"] = "fork"
-    return DataLoader(stream, batch_size=None, num_workers=workers, **kwargs)
+    return BatchLoader(DataLoader(stream, batch_size=None, num_workers=workers, **kwargs))
 
 
 # ----------------------------------------------------------------------------------------------------------
