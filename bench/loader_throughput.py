@@ -35,14 +35,16 @@ def measure(
     """-> (samples/s wall, CPU seconds per sample of the workers and this process together): the second
     hardly depends on other jobs, and cores / it is what this configuration could reach alone."""
     from trainer.config import AugmentConfig
-    from trainer.data import ShardStream, finish_batch, make_loader
+    from trainer.data import ShardStream, make_loader
 
     stream = ShardStream(urls, batch_size, out_hw, seed=0, shuffle_buffer=64, augment=AugmentConfig())
-    packed = iter(make_loader(stream, workers).loader)  # the DataLoader, to see its worker processes
-    pids = [os.getpid()] + [w.pid for w in getattr(packed, "_workers", [])]
-    n, t0, c0 = 0, 0.0, 0.0
+    loader = make_loader(stream, workers)
+    batches_iter = iter(loader)
+    n, t0, c0, pids = 0, 0.0, 0.0, [os.getpid()]
     for i in range(5 + batches):
-        b = finish_batch(next(packed))  # what make_loader's iterator does
+        b = next(batches_iter)
+        if i == 0:
+            pids += [w.pid for w in getattr(loader.iterator, "_workers", [])]
         if i == 4:  # workers started and prefetch queues warm
             t0, c0 = time.perf_counter(), sum(process_cpu_seconds(p) for p in pids)
         elif i > 4:

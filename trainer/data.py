@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -530,18 +531,54 @@ def batch_array(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tenso
     return t, t.numpy()
 
 
+class BatchSlots:
+    """Shared-memory slots that DataLoader workers pack batches into and the consumer releases once it has
+    finished them: fresh shared memory for every batch costs more (page faults on both sides) than
+    packing it. Created before the workers start, so they inherit it; worker w owns `per_worker` slots
+    and fills them in turn, waiting only if the consumer still holds the one it needs."""
+
+    def __init__(self, workers: int, per_worker: int, batch_size: int, hw: tuple[int, int]) -> None:
+        n, (h, w) = workers * per_worker, hw
+        self.per_worker = per_worker
+        self.rgb = torch.empty(n, batch_size, 3, h, w, dtype=torch.uint8).share_memory_()
+        self.parts = torch.empty(n, batch_size, h, w, dtype=torch.uint8).share_memory_()
+        self.vid = torch.empty(n, batch_size, h, w, dtype=torch.uint16).share_memory_()
+        self.busy = torch.zeros(n, dtype=torch.uint8).share_memory_()
+
+    def acquire(self, worker: int, count: int) -> int:
+        """Slot of the worker's `count`-th batch, once free."""
+        slot = worker * self.per_worker + count % self.per_worker
+        busy = self.busy.numpy()
+        while busy[slot]:
+            time.sleep(0.0005)
+        busy[slot] = 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.busy.numpy()[slot] = 0
+
+
 def pack_batch(
-    items: list[dict[str, Any]], positions: list[int], skipped: int, batch_index: int
+    items: list[dict[str, Any]],
+    positions: list[int],
+    skipped: int,
+    batch_index: int,
+    slots: BatchSlots | None = None,
+    slot: int = -1,
 ) -> dict[str, Any]:
     """Per-sample results stacked in their compact types: rgb (B,3,H,W) uint8, parts (B,H,W) uint8,
     vid (B,H,W) uint16, plus each sample's AugParams. This is what crosses from a loader worker to the
-    trainer: a quarter of the bytes of the float/long batch, and copying batches through shared memory
-    costs more than any augmentation."""
+    trainer: a quarter of the bytes of the float/long batch (copying batches through shared memory costs
+    more than any augmentation), written into `slots[slot]` when given."""
     b = len(items)
     h, w = items[0]["parts"].shape if items else (1, 1)
-    rgb, rgb_np = batch_array((b, 3, h, w), torch.uint8)
-    parts, parts_np = batch_array((b, h, w), torch.uint8)
-    vid, vid_np = batch_array((b, h, w), torch.uint16)
+    if slots is not None and slot >= 0:
+        rgb, parts, vid = slots.rgb[slot, :b], slots.parts[slot, :b], slots.vid[slot, :b]
+        rgb_np, parts_np, vid_np = rgb.numpy(), parts.numpy(), vid.numpy()
+    else:
+        rgb, rgb_np = batch_array((b, 3, h, w), torch.uint8)
+        parts, parts_np = batch_array((b, h, w), torch.uint8)
+        vid, vid_np = batch_array((b, h, w), torch.uint16)
     if items:
         cv2 = ds.opencv()
         for i, it in enumerate(items):
@@ -554,6 +591,7 @@ def pack_batch(
         "rgb": rgb,
         "parts": parts,
         "vid": vid,
+        "slot": slot,
         "aug": [it["aug"] for it in items],
         "identity": torch.tensor([it["identity"] for it in items], dtype=torch.long),
         "position": torch.tensor(positions, dtype=torch.long),
@@ -567,7 +605,7 @@ def pack_batch(
 def finish_batch(packed: dict[str, Any]) -> dict[str, Any]:
     """A packed batch -> the trainer's batch (see docs/trainer.md): float images in [0,1], long labels,
     with the batch-level augmentation (noise, erasing -> `valid`) applied."""
-    out = {k: v for k, v in packed.items() if k not in ("rgb", "aug")}
+    out = {k: v for k, v in packed.items() if k not in ("rgb", "aug", "slot")}
     # numpy, single-threaded on purpose: torch would split these memory-bound passes over its intra-op
     # threads, which on a busy machine spin at barriers for more CPU than the work itself takes
     images = packed["rgb"].numpy().astype(np.float32)
@@ -613,6 +651,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = int(shuffle_buffer)
         self.augment = augment
         self.shard_log_path = shard_log_path
+        self.slots: BatchSlots | None = None  # set by BatchLoader while it starts the workers
 
     def epoch_order(self, epoch: int) -> list[str]:
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.rank, epoch, 0xE90C]))
@@ -651,6 +690,8 @@ class ShardStream(IterableDataset):
         positions: list[int] = []
         skipped = 0
         draws, draws_of = None, -1
+        slots = self.slots if info is not None else None
+        packed = 0
         for raw, pos, newly_bad in self._positions(handler, bad, log):
             b = pos // bsz
             mine = b >= self.start_batch and (b - self.start_batch) % nw == wid
@@ -670,7 +711,9 @@ class ShardStream(IterableDataset):
                     if len(handler.messages) < 20:
                         handler.messages.append(f"{raw.get('__key__')}: {type(e).__name__}: {e}")
             if pos % bsz == bsz - 1 and mine:
-                yield pack_batch(items, positions, skipped, b)
+                slot = slots.acquire(wid, packed) if slots is not None and items else -1
+                packed += 1
+                yield pack_batch(items, positions, skipped, b, slots, slot)
                 items, positions, skipped = [], [], 0
 
     def _log_shards(self, urls: list[str], wid: int) -> None:
@@ -688,10 +731,26 @@ class BatchLoader:
 
     def __init__(self, loader: DataLoader) -> None:
         self.loader = loader
+        self.iterator: Any = None  # the running DataLoader iterator (its workers), for measurements
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for packed in self.loader:
-            yield finish_batch(packed)
+        stream, workers = self.loader.dataset, self.loader.num_workers
+        slots = None
+        if workers > 0 and sys.platform == "linux" and isinstance(stream, ShardStream):
+            per_worker = (self.loader.prefetch_factor or 2) + 2  # queued batches + one being packed + slack
+            slots = BatchSlots(workers, per_worker, stream.batch_size, stream.image_hw)
+        stream.slots = slots
+        try:
+            self.iterator = iter(self.loader)  # starts (forks) the workers, which keep `slots`
+        finally:
+            stream.slots = None
+        for packed in self.iterator:
+            try:
+                batch = finish_batch(packed)
+            finally:
+                if slots is not None and packed["slot"] >= 0:
+                    slots.release(packed["slot"])
+            yield batch
 
 
 def make_loader(stream: ShardStream, workers: int) -> BatchLoader:
