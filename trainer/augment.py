@@ -225,8 +225,9 @@ def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
 
 
 def mean_gray(rgb: np.ndarray) -> float:
-    """Mean grey of a uint8 image in [0, 1] (one SIMD pass)."""
-    means = opencv().mean(rgb)[:3]
+    """Mean grey of a uint8 image in [0, 1], measured on every 4th row (a SIMD pass over a quarter of the
+    image: the contrast pivot needs no more)."""
+    means = opencv().mean(rgb[::4])[:3]
     return float(np.dot(means, GRAY_NP)) / 255
 
 
@@ -296,9 +297,20 @@ def noise_batch(images: torch.Tensor, params: list[AugParams]) -> torch.Tensor:
     x = images.numpy()
     for i, p in enumerate(params):
         if p.photo.noise_std > 0:
-            x[i] += shifted_noise(p.photo.noise_seed, (h, w)).numpy() * np.float32(p.photo.noise_std)
+            add_shifted_noise(x[i], p.photo.noise_seed, np.float32(p.photo.noise_std))
             np.clip(x[i], 0, 1, out=x[i])
     return images
+
+
+def add_shifted_noise(image: np.ndarray, seed: int, std: np.float32) -> None:
+    """image (3,H,W) float32 += std * shifted_noise(seed), in place, without materialising the roll."""
+    _, h, w = image.shape
+    flat = image.reshape(3, -1)
+    field = noise_field(seed, (h, w)).numpy().reshape(3, -1)
+    shift = (seed // NOISE_FIELDS) % (h * w)
+    flat[:, shift:] += std * field[:, : h * w - shift]
+    if shift:
+        flat[:, :shift] += std * field[:, h * w - shift :]
 
 
 def erase_batch(images: torch.Tensor, params: list[AugParams]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -373,10 +373,10 @@ def tar_file_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
             raise TruncatedShard(f"{url}: tar header checksum mismatch")
         kind = header[156:157]
         size = int(pax["size"]) if "size" in pax else _tar_number(header[124:136])
-        data = _read_exact(stream, size, url)
         pad = -size % TAR_BLOCK
+        data = _read_exact(stream, size + pad, url)  # the member and its padding in one read
         if pad:
-            _read_exact(stream, pad, url)
+            data = data[:size]
         if kind == b"x":
             pax = _pax_records(data)
             continue
