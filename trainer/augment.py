@@ -305,12 +305,23 @@ def noise_batch(images: torch.Tensor, params: list[AugParams]) -> torch.Tensor:
 def add_shifted_noise(image: np.ndarray, seed: int, std: np.float32) -> None:
     """image (3,H,W) float32 += std * shifted_noise(seed), in place, without materialising the roll."""
     _, h, w = image.shape
-    flat = image.reshape(3, -1)
-    field = noise_field(seed, (h, w)).numpy().reshape(3, -1)
-    shift = (seed // NOISE_FIELDS) % (h * w)
-    flat[:, shift:] += std * field[:, : h * w - shift]
+    n = h * w
+    flat = image.reshape(3, n)
+    field = noise_field(seed, (h, w)).numpy().reshape(3, n)
+    scaled = np.multiply(field, std, out=_noise_scratch(n))  # the field, scaled, in a reused buffer
+    shift = (seed // NOISE_FIELDS) % n
+    flat[:, shift:] += scaled[:, : n - shift]
     if shift:
-        flat[:, :shift] += std * field[:, h * w - shift :]
+        flat[:, :shift] += scaled[:, n - shift :]
+
+
+_scratch: dict[int, np.ndarray] = {}
+
+
+def _noise_scratch(n: int) -> np.ndarray:
+    if n not in _scratch:
+        _scratch[n] = np.empty((3, n), np.float32)
+    return _scratch[n]
 
 
 def erase_batch(images: torch.Tensor, params: list[AugParams]) -> tuple[torch.Tensor, torch.Tensor]:

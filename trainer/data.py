@@ -520,15 +520,25 @@ def decode_and_augment(raw: dict[str, Any], params: AugParams, out_hw: tuple[int
     }
 
 
-def batch_array(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
-    """An uninitialised batch tensor and its numpy view; in a DataLoader worker it lives in shared memory
-    from the start (as in torch's default_collate), so handing it to the trainer costs no extra copy."""
-    if get_worker_info() is None:
-        t = torch.empty(shape, dtype=dtype)
-    else:
-        storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(int(np.prod(shape)))
-        t = torch.empty(0, dtype=dtype).new(storage).view(shape)
-    return t, t.numpy()
+def packed_bytes(batch_size: int, hw: tuple[int, int]) -> int:
+    """Bytes of one packed batch: rgb (B,3,H,W) uint8, parts (B,H,W) uint8, vid (B,H,W) uint16."""
+    return batch_size * hw[0] * hw[1] * 6
+
+
+def packed_views(buffer: np.ndarray, b: int, hw: tuple[int, int]) -> tuple[np.ndarray, ...]:
+    """rgb, parts, vid arrays laid out in a flat uint8 buffer of at least packed_bytes(b, hw)."""
+    h, w = hw
+    n = b * h * w
+    rgb = buffer[: 3 * n].reshape(b, 3, h, w)
+    parts = buffer[3 * n : 4 * n].reshape(b, h, w)
+    vid = buffer[4 * n : 6 * n].view(np.uint16).reshape(b, h, w)
+    return rgb, parts, vid
+
+
+def shared_buffer(nbytes: int) -> torch.Tensor:
+    """A flat uint8 tensor in shared memory, uninitialised (no copy, unlike share_memory_())."""
+    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(nbytes)
+    return torch.empty(0, dtype=torch.uint8).new(storage)
 
 
 class BatchSlots:
@@ -538,12 +548,11 @@ class BatchSlots:
     and fills them in turn, waiting only if the consumer still holds the one it needs."""
 
     def __init__(self, workers: int, per_worker: int, batch_size: int, hw: tuple[int, int]) -> None:
-        n, (h, w) = workers * per_worker, hw
+        n = workers * per_worker
         self.per_worker = per_worker
-        self.rgb = torch.empty(n, batch_size, 3, h, w, dtype=torch.uint8).share_memory_()
-        self.parts = torch.empty(n, batch_size, h, w, dtype=torch.uint8).share_memory_()
-        self.vid = torch.empty(n, batch_size, h, w, dtype=torch.uint16).share_memory_()
-        self.busy = torch.zeros(n, dtype=torch.uint8).share_memory_()
+        self.data = shared_buffer(n * packed_bytes(batch_size, hw)).view(n, -1)
+        self.busy = shared_buffer(n)
+        self.busy.zero_()
 
     def acquire(self, worker: int, count: int) -> int:
         """Slot of the worker's `count`-th batch, once free."""
@@ -566,35 +575,35 @@ def pack_batch(
     slots: BatchSlots | None = None,
     slot: int = -1,
 ) -> dict[str, Any]:
-    """Per-sample results stacked in their compact types: rgb (B,3,H,W) uint8, parts (B,H,W) uint8,
-    vid (B,H,W) uint16, plus each sample's AugParams. This is what crosses from a loader worker to the
-    trainer: a quarter of the bytes of the float/long batch (copying batches through shared memory costs
-    more than any augmentation), written into `slots[slot]` when given."""
+    """Per-sample results in one flat uint8 buffer (`packed_views`: rgb uint8, parts uint8, vid uint16)
+    plus each sample's AugParams and plain-Python metadata. This is what crosses from a loader worker to
+    the trainer: a quarter of the bytes of the float/long batch in a single shared-memory block
+    (`slots[slot]` when given), as copying batches through shared memory costs more than augmenting."""
     b = len(items)
-    h, w = items[0]["parts"].shape if items else (1, 1)
+    hw = items[0]["parts"].shape if items else (1, 1)
+    nbytes = packed_bytes(b, hw)
     if slots is not None and slot >= 0:
-        rgb, parts, vid = slots.rgb[slot, :b], slots.parts[slot, :b], slots.vid[slot, :b]
-        rgb_np, parts_np, vid_np = rgb.numpy(), parts.numpy(), vid.numpy()
+        buffer = slots.data[slot, :nbytes]
+    elif get_worker_info() is not None:
+        buffer = shared_buffer(nbytes)
     else:
-        rgb, rgb_np = batch_array((b, 3, h, w), torch.uint8)
-        parts, parts_np = batch_array((b, h, w), torch.uint8)
-        vid, vid_np = batch_array((b, h, w), torch.uint16)
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+    rgb, parts, vid = packed_views(buffer.numpy(), b, hw)
     if items:
         cv2 = ds.opencv()
         for i, it in enumerate(items):
-            planes = list(rgb_np[i])
+            planes = list(rgb[i])
             if cv2.split(it["rgb"], planes)[0].ctypes.data != planes[0].ctypes.data:
-                rgb_np[i] = it["rgb"].transpose(2, 0, 1)  # OpenCV declined the views: plain copy
-        np.stack([it["parts"] for it in items], out=parts_np)
-        np.stack([it["vid"] for it in items], out=vid_np, casting="unsafe")  # 16-bit PNG values
+                rgb[i] = it["rgb"].transpose(2, 0, 1)  # OpenCV declined the views: plain copy
+        np.stack([it["parts"] for it in items], out=parts)
+        np.stack([it["vid"] for it in items], out=vid, casting="unsafe")  # 16-bit PNG values
     return {
-        "rgb": rgb,
-        "parts": parts,
-        "vid": vid,
+        "buffer": buffer,
+        "hw": tuple(hw),
         "slot": slot,
         "aug": [it["aug"] for it in items],
-        "identity": torch.tensor([it["identity"] for it in items], dtype=torch.long),
-        "position": torch.tensor(positions, dtype=torch.long),
+        "identity": [it["identity"] for it in items],
+        "position": list(positions),
         "keys": [it["key"] for it in items],
         "urls": [it["url"] for it in items],
         "skipped": int(skipped),
@@ -604,19 +613,32 @@ def pack_batch(
 
 def finish_batch(packed: dict[str, Any]) -> dict[str, Any]:
     """A packed batch -> the trainer's batch (see docs/trainer.md): float images in [0,1], long labels,
-    with the batch-level augmentation (noise, erasing -> `valid`) applied."""
-    out = {k: v for k, v in packed.items() if k not in ("rgb", "aug", "slot")}
+    with the batch-level augmentation (noise, erasing -> `valid`) applied. Copies everything it needs,
+    so the packed buffer can be reused as soon as this returns."""
+    b = len(packed["keys"])
+    rgb, parts, vid = packed_views(packed["buffer"].numpy(), b, packed["hw"])
     # numpy, single-threaded on purpose: torch would split these memory-bound passes over its intra-op
     # threads, which on a busy machine spin at barriers for more CPU than the work itself takes
-    images = packed["rgb"].numpy().astype(np.float32)
+    images = rgb.astype(np.float32)
     np.multiply(images, np.float32(1 / 255), out=images)
-    out["images"], out["parts"], out["vid"], out["valid"] = augment_batch(
+    images_t, parts_t, vid_t, valid = augment_batch(
         torch.from_numpy(images),
-        torch.from_numpy(packed["parts"].numpy().astype(np.int64)),
-        torch.from_numpy(packed["vid"].numpy().astype(np.int64)),
+        torch.from_numpy(parts.astype(np.int64)),
+        torch.from_numpy(vid.astype(np.int64)),
         packed["aug"],
     )
-    return out
+    return {
+        "images": images_t,
+        "parts": parts_t,
+        "vid": vid_t,
+        "valid": valid,
+        "identity": torch.tensor(packed["identity"], dtype=torch.long),
+        "position": torch.tensor(packed["position"], dtype=torch.long),
+        "keys": packed["keys"],
+        "urls": packed["urls"],
+        "skipped": packed["skipped"],
+        "batch_index": packed["batch_index"],
+    }
 
 
 def collate(
@@ -726,6 +748,26 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def reuse_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Let glibc serve allocations below `mmap_threshold` from its heap and keep up to `trim_threshold`
+    of freed memory: finishing a batch allocates ~30 MB of fresh arrays, and with the defaults every one
+    of them is mapped and page-faulted anew (half the cost of finishing). False where not glibc."""
+    if sys.platform != "linux":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+            libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
+        )
+    except (OSError, AttributeError):
+        return False
+
+
 class BatchLoader:
     """Iterates a DataLoader of packed batches and finishes each one in this process (`finish_batch`)."""
 
@@ -734,6 +776,7 @@ class BatchLoader:
         self.iterator: Any = None  # the running DataLoader iterator (its workers), for measurements
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        reuse_freed_memory()
         stream, workers = self.loader.dataset, self.loader.num_workers
         slots = None
         if workers > 0 and sys.platform == "linux" and isinstance(stream, ShardStream):
