@@ -59,18 +59,20 @@ def test_spec_forms_resolve_to_the_same_shards(fake_ds):
 
 
 def test_batches_identical_for_any_worker_count_and_resume_position(fake_ds):
-    one = take(stream(fake_ds), 6, workers=0)
-    two = take(stream(fake_ds), 6, workers=2)
-    assert [b["batch_index"] for b in two] == list(range(6))
+    # 16 batches: more than the 2 x 6 shared-memory slots of 2 workers, so every slot is reused
+    one = take(stream(fake_ds), 16, workers=0)
+    two = take(stream(fake_ds), 16, workers=2)
+    assert [b["batch_index"] for b in two] == list(range(16))
     for a, b in zip(one, two, strict=True):
         assert a["keys"] == b["keys"]
         assert torch.equal(a["images"], b["images"]) and torch.equal(a["parts"], b["parts"])
+        assert torch.equal(a["vid"], b["vid"]) and torch.equal(a["valid"], b["valid"])
     # the shuffle buffer mixes across epochs: 24 draws cover most of the 24 samples
-    keys = [k for b in one for k in b["keys"]]
+    keys = [k for b in one[:6] for k in b["keys"]]
     assert len(keys) == 24 and len(set(keys)) >= 18
     resumed = take(stream(fake_ds, start_batch=4), 2, workers=2)
     assert [b["batch_index"] for b in resumed] == [4, 5]
-    for a, b in zip(one[4:], resumed, strict=True):
+    for a, b in zip(one[4:6], resumed, strict=True):
         assert torch.equal(a["images"], b["images"]) and a["keys"] == b["keys"]
 
 
@@ -246,3 +248,71 @@ def test_batch_colour_map_matches_the_per_pixel_definition():
     grey_img = colour_batch(x.clone(), [AugParams(photo=PhotoParams(gray=True), mean_gray=full)])[0]
     assert torch.allclose(grey_img[0], grey_img[1], atol=1e-5)
     assert torch.allclose(grey_img[1], grey_img[2], atol=1e-5)
+
+
+def _png_bytes(a: np.ndarray, **kw) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(a, **kw).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_decoders_give_pillows_pixels_and_refuse_what_the_schema_does_not_allow():
+    import io
+
+    from PIL import Image
+
+    from protoreg import dataset as ds
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (48, 24, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=80)
+    jpeg = buf.getvalue()
+    with Image.open(io.BytesIO(jpeg)) as im:
+        assert np.array_equal(ds.decode_rgb(jpeg), np.asarray(im.convert("RGB")))
+    labels = rng.integers(0, 16, (48, 24), dtype=np.uint8)
+    vid = rng.integers(0, 65536, (48, 24)).astype(np.uint16)
+    assert np.array_equal(ds.decode_parts(_png_bytes(labels)), labels)
+    palette = Image.fromarray(labels, mode="L").convert("P")  # palette indices are the labels
+    buf = io.BytesIO()
+    palette.save(buf, format="PNG")
+    assert np.array_equal(ds.decode_parts(buf.getvalue()), np.asarray(palette))
+    decoded = ds.decode_vid(_png_bytes(vid))
+    assert decoded.dtype == np.int32 and np.array_equal(decoded, vid)
+    for bad, decode, words in [
+        (jpeg[: len(jpeg) // 2], ds.decode_rgb, "truncated JPEG"),
+        (_png_bytes(labels), ds.decode_rgb, "expected a JPEG"),
+        (jpeg, ds.decode_parts, "expected a PNG"),
+        (_png_bytes(labels), ds.decode_vid, "expected a 16-bit"),
+        (_png_bytes(vid), ds.decode_parts, "expected an 8-bit"),
+        (_png_bytes(vid)[:-40], ds.decode_vid, "does not decode"),
+    ]:
+        with pytest.raises(ds.DatasetFormatError, match=words):
+            decode(bad)
+
+
+def test_per_sample_colour_and_blur_follow_the_batch_definitions():
+    """The loader's uint8 OpenCV path and the float torch path (`photometric`) are one definition:
+    they agree to rounding, and default parameters leave a sample untouched."""
+    from trainer.augment import PhotoParams, augment_sample, blur_batch, colour_batch, mean_gray
+
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (64, 32, 3), dtype=np.uint8)
+    parts = rng.integers(0, 16, (64, 32), dtype=np.uint8)
+    vid = rng.integers(0, 7000, (64, 32)).astype(np.int32)
+    same = augment_sample(AugParams(), rgb, parts, vid, (64, 32))
+    assert all(np.array_equal(a, b) for a, b in zip(same, (rgb, parts, vid), strict=True))
+    photo = PhotoParams(brightness=1.15, contrast=0.85, saturation=1.2, hue=0.02, blur_sigma=1.0)
+    params = AugParams(photo=photo)
+    out, out_parts, out_vid = augment_sample(params, rgb, parts, vid, (64, 32))
+    assert np.array_equal(out_parts, parts) and np.array_equal(out_vid, vid)
+    assert params.mean_gray == pytest.approx(mean_gray(rgb))
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+    ref = blur_batch(colour_batch(x, [params]).clamp_(0, 1), [params])[0].permute(1, 2, 0).numpy() * 255
+    inner = (slice(4, -4), slice(4, -4))  # borders: OpenCV and torch pad the blur alike, compare inside
+    assert np.abs(out.astype(float) - ref)[inner].max() <= 2.0
+    assert np.abs(out.astype(float) - rgb)[inner].mean() > 5  # and it did change the image
