@@ -16,6 +16,7 @@ from trainer.config import AugmentConfig
 from trainer.data import (
     DataSpecError,
     ShardStream,
+    collate,
     iterate_samples,
     load_prototype_bank,
     make_loader,
@@ -83,6 +84,8 @@ def test_batch_tensors_have_the_documented_types(fake_ds):
     assert b["parts"].shape == (4, 64, 32) and b["parts"].dtype == torch.long
     assert b["vid"].dtype == torch.long and b["valid"].dtype == torch.bool
     assert int(b["parts"].max()) <= 15 and b["identity"].tolist() == [int(k) % 3 for k in b["keys"]]
+    empty = collate([], [], 4, 7)  # every sample of a batch corrupt: an empty batch, still counted
+    assert empty["images"].shape[0] == 0 and empty["parts"].dtype == torch.long and empty["skipped"] == 4
 
 
 def test_ranks_get_disjoint_shards():

@@ -611,16 +611,21 @@ def pack_batch(
     }
 
 
+_UNIT_LUT = (np.arange(256) / 255).astype(np.float32)[None]  # uint8 -> float32 x / 255 in one pass
+
+
 def finish_batch(packed: dict[str, Any]) -> dict[str, Any]:
     """A packed batch -> the trainer's batch (see docs/trainer.md): float images in [0,1], long labels,
     with the batch-level augmentation (noise, erasing -> `valid`) applied. Copies everything it needs,
     so the packed buffer can be reused as soon as this returns."""
     b = len(packed["keys"])
     rgb, parts, vid = packed_views(packed["buffer"].numpy(), b, packed["hw"])
-    # numpy, single-threaded on purpose: torch would split these memory-bound passes over its intra-op
-    # threads, which on a busy machine spin at barriers for more CPU than the work itself takes
-    images = rgb.astype(np.float32)
-    np.multiply(images, np.float32(1 / 255), out=images)
+    # OpenCV/numpy, single-threaded on purpose: torch would split these memory-bound passes over its
+    # intra-op threads, which on a busy machine spin at barriers for more CPU than the work itself takes
+    if b:
+        images = ds.opencv().LUT(rgb.reshape(-1, rgb.shape[-1]), _UNIT_LUT).reshape(rgb.shape)  # x / 255
+    else:
+        images = np.zeros(rgb.shape, np.float32)
     images_t, parts_t, vid_t, valid = augment_batch(
         torch.from_numpy(images),
         torch.from_numpy(parts.astype(np.int64)),
