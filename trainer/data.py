@@ -8,7 +8,10 @@ The stream (per rank) is a pure function of (shards, seed, rank, world size, bat
 - batch b holds positions [b*B, (b+1)*B). DataLoader worker w of W decodes and augments only the
   batches b with (b - start) % W == w and skips the rest undecoded, so the batch sequence is the same
   for any worker count, and resuming at step N means starting at batch N: exact resume.
-- augmentation randomness comes from a generator seeded by (seed, rank, g).
+- augmentation randomness comes from one generator per batch seeded by (seed, rank, b); row g - b*B of
+  its draws belongs to position g.
+- workers hand packed batches (compact uint8/uint16 arrays in reusable shared-memory slots) to the
+  consuming process, which finishes them (`finish_batch`: float images, long labels, noise, erasing).
 
 Decoding uses protoreg.dataset.SAFE_DECODERS only: anything else in a sample (.pyd, .pkl, ...) is
 dropped as raw bytes, never unpickled. Unreadable shards, truncated tars and corrupt samples are skipped
