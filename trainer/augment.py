@@ -2,14 +2,15 @@
 
 Split in two by cost, not by kind, so that a loader worker spends its time on a handful of SIMD passes
 over uint8 pixels instead of float tensors:
-- per sample (`draw_params`, `fit_sample`), in the loader worker: every random number of a sample is
-  drawn at once from the sample's own generator into an `AugParams`; then, on the uint8 image through
-  OpenCV, one resample does the fit to the output size, the random resized crop (and optional flip;
-  bilinear RGB, labels nearest at the same pixel centres, so labels move with their pixels), followed by
-  JPEG re-compression at the output size (when drawn), colour jitter as one 3x4 colour matrix and blur as
-  a separable Gaussian;
-- per batch (`augment_batch`), vectorised in torch after collation: noise from a fixed bank of fields and
-  random erasing through masks, on the float images.
+- per sample (`augment_sample`), in the loader worker: all random choices of a sample come from one
+  vector of NUM_DRAWS uniforms (`params_from_draws`: the loader uses its row of the batch's draws,
+  `draw_params` draws it from a generator) into an `AugParams`; then, on the uint8 image through OpenCV,
+  one resample does the fit to the output size and the random resized crop (and optional flip; bilinear
+  RGB, labels nearest at the same pixel centres, so labels move with their pixels), followed by JPEG
+  re-compression at the output size (when drawn), colour jitter as one 3x4 colour matrix and blur as a
+  separable Gaussian;
+- per batch (`augment_batch`), in the process that consumes the batches: noise from a fixed bank of
+  fields and random erasing through masks, on the float images (numpy, single-threaded).
 Erased pixels keep their labels but are marked invalid, so no loss trusts them. Every step is a
 single-threaded pass or an elementwise op, so a batch is bit-identical whichever process made it.
 The torch versions of colour, blur and noise for float batches (`photometric`) use the same definitions.
