@@ -544,6 +544,15 @@ def shared_buffer(nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).new(storage)
 
 
+def shared_memory_free() -> int:
+    """Free bytes of /dev/shm, where torch's shared memory lives (containers often give it only 64 MB)."""
+    try:
+        st = os.statvfs("/dev/shm")
+        return st.f_bavail * st.f_frsize
+    except OSError:
+        return 0
+
+
 class BatchSlots:
     """Shared-memory slots that DataLoader workers pack batches into and the consumer releases once it has
     finished them: fresh shared memory for every batch costs more (page faults on both sides) than
@@ -789,7 +798,9 @@ class BatchLoader:
         slots = None
         if workers > 0 and sys.platform == "linux" and isinstance(stream, ShardStream):
             per_worker = (self.loader.prefetch_factor or 2) + 2  # queued batches + one being packed + slack
-            slots = BatchSlots(workers, per_worker, stream.batch_size, stream.image_hw)
+            need = workers * per_worker * packed_bytes(stream.batch_size, stream.image_hw)
+            if need < shared_memory_free() // 2:  # else (a small /dev/shm) fresh memory per batch
+                slots = BatchSlots(workers, per_worker, stream.batch_size, stream.image_hw)
         stream.slots = slots
         try:
             self.iterator = iter(self.loader)  # starts (forks) the workers, which keep `slots`
