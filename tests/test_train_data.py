@@ -319,3 +319,15 @@ def test_per_sample_colour_and_blur_follow_the_batch_definitions():
     inner = (slice(4, -4), slice(4, -4))  # borders: OpenCV and torch pad the blur alike, compare inside
     assert np.abs(out.astype(float) - ref)[inner].max() <= 2.0
     assert np.abs(out.astype(float) - rgb)[inner].mean() > 5  # and it did change the image
+
+
+def test_workers_without_shared_memory_slots_give_the_same_batches(fake_ds, monkeypatch):
+    """A small /dev/shm: workers hand over batches in fresh shared memory instead of reused slots."""
+    import trainer.data
+
+    monkeypatch.setattr(trainer.data, "shared_memory_free", lambda: 0)
+    one = take(stream(fake_ds), 5, workers=0)
+    two = take(stream(fake_ds), 5, workers=2)
+    for a, b in zip(one, two, strict=True):
+        assert a["keys"] == b["keys"] and torch.equal(a["images"], b["images"])
+        assert torch.equal(a["vid"], b["vid"]) and torch.equal(a["valid"], b["valid"])
