@@ -33,7 +33,8 @@ def measure(
     urls: list[str], workers: int, batches: int, out_hw: tuple[int, int], batch_size: int
 ) -> tuple[float, float]:
     """-> (samples/s wall, CPU seconds per sample of the workers and this process together): the second
-    hardly depends on other jobs, and cores / it is what this configuration could reach alone."""
+    depends far less on other jobs than wall time (somewhat: they share caches), and cores / it is what
+    this configuration could reach with the machine to itself."""
     from trainer.config import AugmentConfig
     from trainer.data import ShardStream, make_loader
 
@@ -55,8 +56,8 @@ def measure(
 
 
 def cpu_rate(urls: list[str], batches: int, out_hw: tuple[int, int], batch_size: int) -> float:
-    """Samples per CPU-second of the whole per-sample path in this process (workers=0): unlike wall time
-    this hardly depends on other jobs, and x cores estimates an unloaded machine's ceiling."""
+    """Samples per CPU-second of the whole per-sample path in this process (workers=0, no hand-over
+    between processes)."""
     import torch
 
     from trainer.config import AugmentConfig
