@@ -119,9 +119,10 @@ def main() -> None:
         "",
         f"Data: {origin}. Decoding with SAFE_DECODERS (OpenCV), full default augmentation: per sample in the "
         "workers fit + random resized crop, JPEG re-compression (with its probability), colour jitter and "
-        "blur on uint8 through OpenCV; per batch in the consuming process noise and random erasing in "
-        f"torch. {args.workers} DataLoader workers, batch {args.batch_size}, {args.batches} batches after "
-        f"5 warm-up batches. CPU: {platform.machine()}, {cores} cores, torch {torch.__version__}; "
+        "blur on uint8 through OpenCV; per batch in the consuming process noise and random erasing (numpy), "
+        f"after the compact hand-over through shared memory. {args.workers} DataLoader workers, batch "
+        f"{args.batch_size}, {args.batches} batches after 5 warm-up batches. CPU: {platform.machine()}, "
+        f"{cores} cores, torch {torch.__version__}; "
         f"1-minute load average {load0:.1f} before / {load1:.1f} after (other jobs on the machine slow the "
         "wall figures). Target: >= 1,500 samples/s.",
         "",
