@@ -127,7 +127,7 @@ def main() -> None:
         "wall figures). Target: >= 1,500 samples/s.",
         "",
         f"| output size (W x H) | samples/s (wall, {args.workers} workers) | CPU-ms per sample "
-        f"(workers + main) | {cores} cores / CPU-ms (idle-machine ceiling) | samples per CPU-second "
+        f"(workers + main) | {cores} cores / CPU-ms | samples per CPU-second "
         "(1 process) |",
         "|---|---:|---:|---:|---:|",
         *[
@@ -137,8 +137,9 @@ def main() -> None:
         "",
         "Wall figures depend on what else runs. CPU-ms per sample counts every process of the 2-worker run "
         "(decoding, augmentation, the shared-memory hand-over, the finishing in the main process, and each "
-        "worker's reading of the tar headers of the batches it skips), so cores / CPU-ms is what the "
-        "machine reaches with nothing else running.",
+        "worker's reading of the tar headers of the batches it skips), so cores / CPU-ms estimates what the "
+        "machine reaches with nothing else running (conservatively under load: CPU-ms itself rises when "
+        "other jobs share the cores and caches).",
     ]
     if not args.no_write:
         write_bench_section(SECTION, "\n".join(text))
