@@ -331,3 +331,15 @@ def test_workers_without_shared_memory_slots_give_the_same_batches(fake_ds, monk
     for a, b in zip(one, two, strict=True):
         assert a["keys"] == b["keys"] and torch.equal(a["images"], b["images"])
         assert torch.equal(a["vid"], b["vid"]) and torch.equal(a["valid"], b["valid"])
+
+
+def test_noise_reaches_batches_in_any_memory_layout():
+    """Noise is added in place through numpy views: a channels-last batch must be noised too, and the
+    noise is the bank field shifted by the seed."""
+    from trainer.augment import PhotoParams, noise_batch, shifted_noise
+
+    x = torch.rand(2, 16, 8, 3).permute(0, 3, 1, 2) * 0.5 + 0.25  # channels-last strides, away from 0/1
+    params = [AugParams(photo=PhotoParams(noise_std=0.05, noise_seed=9)), AugParams()]
+    y = noise_batch(x.clone(), params)
+    assert torch.allclose(y[0], (x[0] + 0.05 * shifted_noise(9, (16, 8))).clamp(0, 1), atol=1e-6)
+    assert torch.equal(y[1], x[1])

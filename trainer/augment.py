@@ -295,6 +295,7 @@ def noise_batch(images: torch.Tensor, params: list[AugParams]) -> torch.Tensor:
     """Gaussian noise from the fixed field bank (shifted per sample) for the samples that drew it, clipped
     to [0, 1] (the other samples are in range already). In place, through numpy (one thread)."""
     _, _, h, w = images.shape
+    images = images.contiguous()  # the in-place numpy views below need one block per image
     x = images.numpy()
     for i, p in enumerate(params):
         if p.photo.noise_std > 0:
@@ -307,22 +308,21 @@ def add_shifted_noise(image: np.ndarray, seed: int, std: np.float32) -> None:
     """image (3,H,W) float32 += std * shifted_noise(seed), in place, without materialising the roll."""
     _, h, w = image.shape
     n = h * w
+    if not image.flags.c_contiguous:
+        raise ValueError("add_shifted_noise: image must be C-contiguous (it is changed in place)")
     flat = image.reshape(3, n)
     field = noise_field(seed, (h, w)).numpy().reshape(3, n)
-    scaled = np.multiply(field, std, out=_noise_scratch(n))  # the field, scaled, in a reused buffer
     shift = (seed // NOISE_FIELDS) % n
-    flat[:, shift:] += scaled[:, : n - shift]
+    _scale_add(field[:, : n - shift], std, flat[:, shift:])
     if shift:
-        flat[:, :shift] += scaled[:, n - shift :]
+        _scale_add(field[:, n - shift :], std, flat[:, :shift])
 
 
-_scratch: dict[int, np.ndarray] = {}
-
-
-def _noise_scratch(n: int) -> np.ndarray:
-    if n not in _scratch:
-        _scratch[n] = np.empty((3, n), np.float32)
-    return _scratch[n]
+def _scale_add(src: np.ndarray, alpha: np.float32, dst: np.ndarray) -> None:
+    """dst += alpha * src in one pass (OpenCV's scaleAdd writing into the view; numpy if it would not)."""
+    out = opencv().scaleAdd(src, float(alpha), dst, dst=dst)
+    if out.ctypes.data != dst.ctypes.data:
+        dst += alpha * src
 
 
 def erase_batch(images: torch.Tensor, params: list[AugParams]) -> tuple[torch.Tensor, torch.Tensor]:
