@@ -14,7 +14,7 @@ from protoreg.cli import main as protoreg_main
 from tests.train_fakes import write_fake_dataset
 from trainer.config import AugmentConfig, DataConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
 
-STEPS = 150
+STEPS = 300
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,11 @@ class ModelConfig:
     """Architecture of RegistrationNet. Its hash is the model fingerprint galleries check."""
 
     embed_dim: int = 32  # D: size of pixel and point embeddings
+    # The embedding is factorised: D - identity_dim dims say WHERE on the body (part, place), identity_dim
+    # dims say WHO (at most D/2); each half is L2-normalised and weighted so that the cosine similarity is
+    # (1-s) cos_where + s cos_who with s = identity_share. identity_dim 0 = one unfactorised embedding.
+    identity_dim: int = 16
+    identity_share: float = 0.5
     widths: tuple[int, ...] = (16, 24, 48, 64)  # image encoder channels at strides 2, 4, 8, 16
     decoder_width: int = 32  # channels of the stride-4 decoder
     point_widths: tuple[int, ...] = (32, 64, 64)  # edge-conv layer widths of the point encoder

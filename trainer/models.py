@@ -1,13 +1,20 @@
 """RegistrationNet: image pixels and prototype points embedded in one space, in plain torch.
 
-- Image branch: a small residual encoder (strides 2-16) with a global-context vector (identity cues
-  such as skin tone, hair colour and build are global) and a feature-pyramid decoder back to stride 4,
-  giving L2-normalised D-dim pixel embeddings and 16-class part logits (0 bg, 1-14 parts, 15 occluder).
+- Image branch: a small residual encoder (strides 2-16) with an attention-pooled global-context vector
+  (identity cues such as skin tone, hair colour and build are global; the learned pooling looks at the
+  person, not the backdrop) and a feature-pyramid decoder back to stride 4, giving L2-normalised D-dim
+  pixel embeddings and 16-class part logits (0 bg, 1-14 parts, 15 occluder).
 - Point branch: a DGCNN-style encoder over a static kNN graph. All prototypes share one sampling
   (point i is the same anatomical place on every body), so the graph is computed once per point-set
   topology and cached. Edge layers use a linear edge function with mean aggregation, computed as one
   sparse product for all prototypes at once (a (P,N,k,C) neighbour tensor was 3-4x slower on CPU).
   Point features: xyz, normals, albedo; a max-pooled global descriptor is appended to every point.
+- Factorised embedding (model.identity_dim > 0): every embedding is [where | who], each half unit-length
+  and weighted, so cos = (1-s) cos_where + s cos_who. A point's who-half is its prototype's (one vector
+  per identity); a pixel's who-half is its own evidence (part colours, context). The best match of a
+  pixel inside a prototype is therefore chosen by WHERE it is on the body, and WHO only raises or lowers
+  that prototype's similarities: the correspondence rate (same part, similarity >= T) then measures
+  registration and identity together instead of the identity term dragging matches to other parts.
 
 Inputs to `encode_image` are RGB in [0, 1]; normalisation happens inside.
 """
@@ -38,6 +45,26 @@ class ImageFeatures:
     embeddings: Tensor  # (B, D, h, w) L2-normalised over D
     seg_logits: Tensor  # (B, 16, h, w)
     stride: int  # input pixels per feature cell
+
+
+def factorised(where: Tensor, who: Tensor | None, share: float, dim: int) -> Tensor:
+    """Unit embeddings [sqrt(1-s) n(where), sqrt(s) n(who)] along `dim`: the cosine of two such embeddings
+    is (1-s) cos(where) + s cos(who), so a prototype's best-matching point is chosen by the where-half
+    (one identity's points share most of their who-half) while the who-half lifts or sinks every match."""
+    if who is None:
+        return F.normalize(where.float(), dim=dim)
+    w = F.normalize(where.float(), dim=dim) * (1 - share) ** 0.5
+    return torch.cat([w, F.normalize(who.float(), dim=dim) * share**0.5], dim=dim)
+
+
+def identity_dims(cfg: ModelConfig) -> int:
+    """The who-half's size: model.identity_dim, at most half the embedding."""
+    if cfg.identity_dim < 0 or not 0 <= cfg.identity_share < 1:
+        raise ValueError(
+            f"model.identity_dim / identity_share: expected >= 0 and in [0, 1), got {cfg.identity_dim} / "
+            f"{cfg.identity_share}"
+        )
+    return min(int(cfg.identity_dim), cfg.embed_dim // 2)
 
 
 def conv_bn(cin: int, cout: int, stride: int = 1, k: int = 3) -> nn.Sequential:
@@ -71,18 +98,21 @@ class ImageEncoder(nn.Module):
         self.stage1 = ResBlock(w[0], w[1], 2)
         self.stage2 = ResBlock(w[1], w[2], 2)
         self.stage3 = ResBlock(w[2], w[3], 2)
+        self.pool = nn.Conv2d(w[3], 1, 1)  # attention pooling: where the global context looks
         self.context = nn.Sequential(nn.Linear(w[3], d), nn.ReLU(inplace=True), nn.Linear(d, d))
         self.lat3 = nn.Conv2d(w[3], d, 1)
         self.lat2 = nn.Conv2d(w[2], d, 1)
         self.lat1 = nn.Conv2d(w[1], d, 1)
         self.fuse = nn.Sequential(conv_bn(d, d), conv_bn(d, d))
-        self.embed = nn.Conv2d(d, cfg.embed_dim, 1)
+        self.id_dim, self.share = identity_dims(cfg), cfg.identity_share
+        self.embed = nn.Conv2d(d, cfg.embed_dim - self.id_dim, 1)
+        self.who = nn.Conv2d(d, self.id_dim, 1) if self.id_dim else None
         self.seg = nn.Conv2d(d, NUM_LABELS, 1)
         # Part colours: the mean input colour under each predicted part (skin on the hands and face, hair on
-        # the head, ...), a per-image appearance code added to every pixel; the image-side twin of the point
-        # branch's appearance shortcut. Identity lives in these colours, not in the pixel's own (clothing).
+        # the head, ...), a per-image appearance code added to every pixel's who-half; the image-side twin of
+        # the point branch's appearance shortcut. Identity lives in these colours, not in the pixel's own.
         self.part_colour = nn.Sequential(
-            nn.Linear(NUM_LABELS * 4, d), nn.ReLU(inplace=True), nn.Linear(d, cfg.embed_dim)
+            nn.Linear(NUM_LABELS * 4, d), nn.ReLU(inplace=True), nn.Linear(d, self.id_dim or cfg.embed_dim)
         )
         self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
@@ -92,13 +122,18 @@ class ImageEncoder(nn.Module):
         c1 = self.stage1(self.stem(x))  # stride 4
         c2 = self.stage2(c1)  # stride 8
         c3 = self.stage3(c2)  # stride 16
-        ctx = self.context(c3.mean(dim=(2, 3)))[:, :, None, None]
+        attn = self.pool(c3).flatten(2).float().softmax(dim=-1)  # (B, 1, hw)
+        pooled = (c3.flatten(2).float() * attn).sum(-1).to(c3.dtype)
+        ctx = self.context(pooled)[:, :, None, None]
         p = self.lat3(c3) + ctx
         p = F.interpolate(p, size=c2.shape[-2:], mode="nearest") + self.lat2(c2)
         p = F.interpolate(p, size=c1.shape[-2:], mode="nearest") + self.lat1(c1)
         p = self.fuse(p)
         seg = self.seg(p)
-        return self.embed(p) + self.appearance_code(images, seg)[:, :, None, None], seg
+        code = self.appearance_code(images, seg)[:, :, None, None]
+        if self.who is None:
+            return factorised(self.embed(p) + code, None, 0.0, 1), seg
+        return factorised(self.embed(p), self.who(p) + code, self.share, 1), seg
 
     def appearance_code(self, images: Tensor, seg: Tensor) -> Tensor:
         """(B, D): mean colour and share of each predicted part, through a small MLP."""
@@ -200,11 +235,16 @@ class PointEncoder(nn.Module):
             nn.Linear(cat, cfg.point_global), nn.ReLU(), nn.Linear(cfg.point_global, hidden)
         )
         self.local_proj = nn.Linear(cat, hidden)
-        self.head = nn.Sequential(nn.LayerNorm(hidden), nn.ReLU(), nn.Linear(hidden, cfg.embed_dim))
+        self.id_dim, self.share = identity_dims(cfg), cfg.identity_share
+        out_dim = cfg.embed_dim - self.id_dim
+        self.head = nn.Sequential(nn.LayerNorm(hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+        # the who-half, from the set's global descriptor (one vector per prototype)
+        who_head = nn.Sequential(nn.LayerNorm(hidden), nn.ReLU(), nn.Linear(hidden, self.id_dim))
+        self.who = who_head if self.id_dim else None
         # Appearance shortcut: the point's own colour and its set's mean colour straight into the embedding.
         # Without it the same point of different people starts (and stays) almost identical, and the
         # identity gradient, a product of two near-zero differences, never gets going.
-        self.appearance = nn.Linear(6, cfg.embed_dim) if cfg.use_albedo else None
+        self.appearance = nn.Linear(6, self.id_dim or cfg.embed_dim) if cfg.use_albedo else None
 
     def forward(self, feats: Tensor, graph: NeighbourGraph) -> Tensor:
         x = self.input(feats)
@@ -214,12 +254,22 @@ class PointEncoder(nn.Module):
             outs.append(x)
         local = torch.cat(outs, dim=-1)  # (P, N, sum(widths))
         glob = self.global_proj(local.amax(dim=1))  # (P, hidden): identity-level shape and colour summary
-        out = self.head(self.local_proj(local) + glob[:, None, :])
+        h = self.local_proj(local) + glob[:, None, :]
+        where = self.head(h)
+        look = None
         if self.appearance is not None:
             colour = (feats[..., -3:].clamp_min(0).sqrt() - 0.5) * 4  # albedo, roughly perceptual, centred
             mean = colour.mean(dim=1, keepdim=True).expand_as(colour)
-            out = out + self.appearance(torch.cat([colour, mean], dim=-1))
-        return out
+            look = self.appearance(torch.cat([colour, mean], dim=-1))
+        if self.who is None:
+            return factorised(where if look is None else where + look, None, 0.0, -1)
+        # One who-vector per set (its shape and colour summary, the same for every point): which point of a
+        # prototype a pixel matches is then decided by the where-half alone, and the who-half only
+        # raises or lowers the whole prototype's similarities.
+        who = self.who(glob)[:, None, :]
+        if look is not None:
+            who = who + look.mean(dim=1, keepdim=True)
+        return factorised(where, who.expand(-1, where.shape[1], -1), self.share, -1)
 
 
 class RegistrationNet(nn.Module):
