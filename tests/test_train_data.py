@@ -208,6 +208,33 @@ def test_erased_pixels_keep_labels_but_are_invalid():
     assert (~valid).sum() > 0 and (out_parts == 2).all()
 
 
+def test_background_replacement_repaints_only_background_pixels_and_is_seeded():
+    from trainer.augment import augment_sample, params_from_draws
+
+    parts = np.zeros((64, 32), np.uint8)
+    parts[10:50, 8:24] = 2  # the person
+    parts[50:60, 0:10] = 15  # an occluder is not background
+    rgb = np.full((64, 32, 3), 77, np.uint8)
+    cfg = AugmentConfig(enabled=True, background_p=0.6, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
+                        brightness=0, contrast=0, saturation=0, hue=0, blur_p=0, noise_p=0, jpeg_p=0,
+                        erase_p=0)  # fmt: skip
+    u = np.full(27, 0.5)
+    drawn = params_from_draws(u, (64, 32), cfg)
+    assert drawn.background_seed >= 0
+
+    def run(params):  # noqa: ANN001, ANN202
+        return augment_sample(params, rgb, parts, parts.astype(np.int32), (64, 32))
+
+    out, out_parts, _ = run(drawn)
+    again, _, _ = run(params_from_draws(u, (64, 32), cfg))
+    assert np.array_equal(out, again) and np.array_equal(out_parts, parts)
+    assert (out[parts != 0] == 77).all()  # person and occluder untouched
+    assert (out[parts == 0] != 77).any(axis=-1).mean() > 0.9  # the backdrop is repainted
+    u[25] = 0.7  # over background_p: the render's backdrop stays
+    kept, _, _ = run(params_from_draws(u, (64, 32), cfg))
+    assert np.array_equal(kept, rgb)
+
+
 def test_photometric_is_vectorised_and_bounded():
     from trainer.augment import PhotoParams, photometric
 

@@ -34,6 +34,8 @@ TINY_CONFIG = {
     "data": {"batch_size": 4, "workers": 0, "shuffle_buffer": 8, "max_points": 256},
     "loss": {"pixels_per_batch": 256},
     "optim": {"lr": 0.004, "warmup_steps": 2},
+    # repainted backdrops make 40 steps of batch 4 too noisy to compare losses (test_train_data covers them)
+    "augment": {"background_p": 0.0},
     "threads": 1,
 }
 
@@ -70,11 +72,11 @@ def metrics(run: Path) -> list[dict]:
 def test_a_few_cpu_steps_lower_the_loss(data, tmp_path):
     run = tmp_path / "run"
     cfg = config_file(tmp_path)
-    code, out = run_cli(["--shards", str(data), "--out", str(run), "--steps", "40", "--config", str(cfg),
+    code, out = run_cli(["--shards", str(data), "--out", str(run), "--steps", "60", "--config", str(cfg),
                          "--log-every", "4", "--val", str(data)])  # fmt: skip
     assert code == 0, out
     rows = metrics(run)
-    assert [int(r["step"]) for r in rows] == list(range(4, 41, 4))
+    assert [int(r["step"]) for r in rows] == list(range(4, 61, 4))
     first = sum(float(r["loss"]) for r in rows[:2]) / 2
     last = sum(float(r["loss"]) for r in rows[-2:]) / 2
     assert last < 0.85 * first, (first, last)
@@ -84,9 +86,9 @@ def test_a_few_cpu_steps_lower_the_loss(data, tmp_path):
     assert (run / "curves.png").stat().st_size > 1000
     assert (run / "config.yaml").exists() and any((run / "tensorboard").iterdir())
     model, saved = load_model(run / "checkpoint-last.pt")
-    assert saved["model"]["embed_dim"] == 16 and saved["step"] == 40 and not model.training
+    assert saved["model"]["embed_dim"] == 16 and saved["step"] == 60 and not model.training
     state = torch.load(run / "checkpoint-last.pt", weights_only=True)
-    assert state["step"] == 40 and len(state["model_fingerprint"]) == 64
+    assert state["step"] == 60 and len(state["model_fingerprint"]) == 64
 
 
 def test_two_n_steps_equal_n_plus_resume_plus_n(data, tmp_path):

@@ -6,7 +6,8 @@ over uint8 pixels instead of float tensors:
   vector of NUM_DRAWS uniforms (`params_from_draws`: the loader uses its row of the batch's draws,
   `draw_params` draws it from a generator) into an `AugParams`; then, on the uint8 image through OpenCV,
   one resample does the fit to the output size and the random resized crop (and optional flip; bilinear
-  RGB, labels nearest at the same pixel centres, so labels move with their pixels), followed by JPEG
+  RGB, labels nearest at the same pixel centres, so labels move with their pixels), background
+  replacement (label-0 pixels repainted with a procedural texture, when drawn), followed by JPEG
   re-compression at the output size (when drawn), colour jitter as one 3x4 colour matrix and blur as a
   separable Gaussian;
 - per batch (`augment_batch`), in the process that consumes the batches: noise from a fixed bank of
@@ -57,6 +58,7 @@ class AugParams:
     jpeg_quality: int = 0  # 0 = no re-compression
     erase: tuple[int, int, int, int] | None = None  # (y0, x0, h, w) in output pixels
     erase_fill: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    background_seed: int = -1  # seed of the texture that replaces the background; -1 = keep the render's
 
     @property
     def geometric(self) -> bool:
@@ -116,7 +118,7 @@ def erase_box(u: np.ndarray, hw: tuple[int, int], area: tuple[float, float]) -> 
     return int(u[2] * (h - eh + 1)), int(u[3] * (w - ew + 1)), eh, ew
 
 
-NUM_DRAWS = 25  # uniforms per sample, drawn as one vector (separate generator calls cost more)
+NUM_DRAWS = 27  # uniforms per sample, drawn as one vector (separate generator calls cost more)
 
 
 def draw_params(rng: np.random.Generator, out_hw: tuple[int, int], cfg: AugmentConfig | None) -> AugParams:
@@ -151,6 +153,7 @@ def params_from_draws(u: np.ndarray, out_hw: tuple[int, int], cfg: AugmentConfig
         jpeg_quality=min(q_hi, q_lo + int(u[4] * (q_hi - q_lo + 1))) if u[15] < cfg.jpeg_p else 0,
         erase=erase_box(u[18:22], out_hw, cfg.erase_area) if u[16] < cfg.erase_p else None,
         erase_fill=tuple(float(int(v * 256)) / 255 for v in u[22:25]),
+        background_seed=int(u[26] * (2**31 - 1)) if u[25] < cfg.background_p else -1,
     )
 
 
@@ -158,9 +161,7 @@ def params_from_draws(u: np.ndarray, out_hw: tuple[int, int], cfg: AugmentConfig
 # Per sample (uint8 HWC images, OpenCV, in the loader worker)
 
 
-def pixel_box(
-    box: tuple[float, float, float, float], src_hw: tuple[int, int]
-) -> tuple[int, int, int, int]:
+def pixel_box(box: tuple[float, float, float, float], src_hw: tuple[int, int]) -> tuple[int, int, int, int]:
     """A box in source pixels rounded to whole pixels (at least one) inside the image: the crop is random
     anyway, and whole-pixel boxes let one fast resize do the resampling."""
     x0, y0, w, h = box
@@ -215,6 +216,38 @@ def crop_sample(
     return rgb, parts, vid
 
 
+def random_background(seed: int, hw: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 procedural backdrop: a smooth random colour field (1-8 x 1-4 cells, mostly muted)
+    with, most of the time, a sine or square grating of random frequency, angle and contrast."""
+    rng = np.random.default_rng(seed)
+    h, w = hw
+    gh, gw = int(rng.integers(1, 9)), int(rng.integers(1, 5))
+    cells = rng.random((gh, gw, 3)) ** rng.uniform(0.6, 2.2)
+    grey = cells.mean(axis=2, keepdims=True)
+    cells = (grey + rng.uniform(0.0, 0.8) * (cells - grey)).astype(np.float32)
+    field = opencv().resize(cells, (w, h), interpolation=opencv().INTER_LINEAR).reshape(h, w, 3)
+    if rng.random() < 0.7:
+        theta, freq, phase = rng.uniform(0, np.pi), rng.uniform(1.0, 12.0), rng.uniform(0, 2 * np.pi)
+        k = np.float32(2 * np.pi * freq / max(h, w))
+        wave = np.sin(
+            (np.arange(w, dtype=np.float32)[None] * np.float32(np.cos(theta)) * k + np.float32(phase))
+            + np.arange(h, dtype=np.float32)[:, None] * np.float32(np.sin(theta)) * k
+        )
+        if rng.random() < 0.5:
+            wave = np.sign(wave)
+        amp = (rng.uniform(0.05, 0.3) * rng.uniform(0.3, 1.0, size=3)).astype(np.float32)
+        field = field + wave[..., None] * amp
+    return (np.clip(field, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def background_sample(rgb: np.ndarray, parts: np.ndarray, params: AugParams) -> np.ndarray:
+    """Repaint the background pixels (label 0) with the sample's random texture, when it drew one."""
+    if params.background_seed < 0:
+        return rgb
+    bg = random_background(params.background_seed, rgb.shape[:2])
+    return np.where((parts == 0)[..., None], bg, rgb)
+
+
 def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
     """JPEG-compress and decode again (4:2:0, like the generator's and most cameras' files)."""
     cv2 = opencv()
@@ -265,9 +298,11 @@ def fit_sample(
 def augment_sample(
     params: AugParams, rgb: np.ndarray, parts: np.ndarray, vid: np.ndarray, out_hw: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The per-sample part: fit + random resized crop to out_hw, JPEG re-compression when drawn, colour
-    jitter and blur (sets params.mean_gray). Noise and erasing are left to `augment_batch`."""
+    """The per-sample part: fit + random resized crop to out_hw, background replacement and JPEG
+    re-compression when drawn, colour jitter and blur (sets params.mean_gray). Noise and erasing are left
+    to `augment_batch`."""
     rgb, parts, vid = crop_sample(rgb, parts, vid, params, out_hw)
+    rgb = background_sample(rgb, parts, params)
     if params.jpeg_quality:
         rgb = jpeg_roundtrip(rgb, params.jpeg_quality)
     if params.photo.recolours:

@@ -75,6 +75,11 @@ class AugmentConfig:
     jpeg_quality: tuple[int, int] = (30, 90)
     erase_p: float = 0.3
     erase_area: tuple[float, float] = (0.02, 0.15)
+    # Background replacement: the probability that a sample's background pixels (label 0) are repainted
+    # with a random procedural texture (smooth colour field and a grating), so that neither parts nor
+    # identity can be read from the backdrop (the demo's shifted test set has backdrops never seen in
+    # training). The ground's shadows go with it.
+    background_p: float = 0.5
 
 
 @dataclass
