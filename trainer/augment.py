@@ -218,34 +218,54 @@ def crop_sample(
 
 def random_background(seed: int, hw: tuple[int, int]) -> np.ndarray:
     """(H, W, 3) uint8 procedural backdrop: a smooth random colour field (1-8 x 1-4 cells, mostly muted)
-    with, most of the time, a sine or square grating of random frequency, angle and contrast."""
+    with, most of the time, a sine or square grating of random frequency, angle and contrast. Drawn at a
+    quarter of the size and enlarged once (a backdrop has no finer detail than that; 4x cheaper)."""
     rng = np.random.default_rng(seed)
+    cv2 = opencv()
     h, w = hw
+    lh, lw = max(1, h // 4), max(1, w // 4)
     gh, gw = int(rng.integers(1, 9)), int(rng.integers(1, 5))
     cells = rng.random((gh, gw, 3)) ** rng.uniform(0.6, 2.2)
     grey = cells.mean(axis=2, keepdims=True)
     cells = (grey + rng.uniform(0.0, 0.8) * (cells - grey)).astype(np.float32)
-    field = opencv().resize(cells, (w, h), interpolation=opencv().INTER_LINEAR).reshape(h, w, 3)
+    field = cv2.resize(cells, (lw, lh), interpolation=cv2.INTER_LINEAR).reshape(lh, lw, 3)
     if rng.random() < 0.7:
         theta, freq, phase = rng.uniform(0, np.pi), rng.uniform(1.0, 12.0), rng.uniform(0, 2 * np.pi)
-        k = np.float32(2 * np.pi * freq / max(h, w))
+        k = np.float32(2 * np.pi * freq / max(lh, lw))
         wave = np.sin(
-            (np.arange(w, dtype=np.float32)[None] * np.float32(np.cos(theta)) * k + np.float32(phase))
-            + np.arange(h, dtype=np.float32)[:, None] * np.float32(np.sin(theta)) * k
+            (np.arange(lw, dtype=np.float32)[None] * np.float32(np.cos(theta)) * k + np.float32(phase))
+            + np.arange(lh, dtype=np.float32)[:, None] * np.float32(np.sin(theta)) * k
         )
         if rng.random() < 0.5:
             wave = np.sign(wave)
         amp = (rng.uniform(0.05, 0.3) * rng.uniform(0.3, 1.0, size=3)).astype(np.float32)
         field = field + wave[..., None] * amp
-    return (np.clip(field, 0, 1) * 255 + 0.5).astype(np.uint8)
+    small = (np.clip(field, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, 3)
+
+
+BACKGROUND_BANK = 64  # textures per image size, made once per process from fixed seeds
+_background_bank: dict[tuple[int, int], np.ndarray] = {}
+
+
+def background_texture(seed: int, hw: tuple[int, int]) -> np.ndarray:
+    """A fresh (H, W, 3) uint8 copy of one of BACKGROUND_BANK fixed textures, in one of four mirrorings
+    (256 backdrops; the same in every process): a copy instead of a texture synthesis per sample."""
+    bank = _background_bank.get(hw)
+    if bank is None:
+        bank = np.stack([random_background(0xBAC6 + i, hw) for i in range(BACKGROUND_BANK)])
+        _background_bank[hw] = bank
+    texture = bank[seed % BACKGROUND_BANK]
+    mirror = (seed // BACKGROUND_BANK) % 4  # 0 as is, 1 left-right, 2 up-down, 3 both
+    return texture.copy() if mirror == 0 else opencv().flip(texture, {1: 1, 2: 0, 3: -1}[mirror])
 
 
 def background_sample(rgb: np.ndarray, parts: np.ndarray, params: AugParams) -> np.ndarray:
     """Repaint the background pixels (label 0) with the sample's random texture, when it drew one."""
     if params.background_seed < 0:
         return rgb
-    bg = random_background(params.background_seed, rgb.shape[:2])
-    return np.where((parts == 0)[..., None], bg, rgb)
+    out = background_texture(params.background_seed, rgb.shape[:2])
+    return opencv().copyTo(rgb, (parts != 0).view(np.uint8), out)  # keep person and occluders
 
 
 def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
