@@ -246,6 +246,15 @@ SAFE_DECODERS = {
 }
 
 
+def decode_entry(name: str, value: Any) -> Any:
+    """One schema entry (bytes, or the BytesIO/stream wids hands out) through its SAFE_DECODERS decoder."""
+    if hasattr(value, "getvalue"):
+        value = value.getvalue()
+    elif hasattr(value, "read"):
+        value = value.read()
+    return SAFE_DECODERS[name](value)
+
+
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     """Decode a raw webdataset sample dict with SAFE_DECODERS only; unknown entries are dropped.
 
@@ -255,11 +264,7 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     for key, value in sample.items():
         name = key.lstrip(".")
         if name in SAFE_DECODERS:
-            if hasattr(value, "getvalue"):  # wids hands out BytesIO streams
-                value = value.getvalue()
-            elif hasattr(value, "read"):
-                value = value.read()
-            out[name] = SAFE_DECODERS[name](value)
+            out[name] = decode_entry(name, value)
     missing = [e for e in SAMPLE_ENTRIES if e not in out]
     if missing:
         raise DatasetFormatError(f"sample {out['__key__']}: missing entries {missing}")

@@ -493,14 +493,7 @@ def identity_of(meta: dict[str, Any]) -> int:
 
 def decode_training_entries(raw: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Only the entries training reads (rgb, parts, vid, json), with the schema's safe decoders."""
-    def entry(name: str) -> bytes:
-        value = raw[name]
-        return value.getvalue() if hasattr(value, "getvalue") else value
-
-    rgb = ds.SAFE_DECODERS["rgb.jpg"](entry("rgb.jpg"))
-    parts = ds.SAFE_DECODERS["parts.png"](entry("parts.png"))
-    vid = ds.SAFE_DECODERS["vid.png"](entry("vid.png"))
-    meta = ds.SAFE_DECODERS["json"](entry("json"))
+    rgb, parts, vid, meta = (ds.decode_entry(n, raw[n]) for n in ("rgb.jpg", "parts.png", "vid.png", "json"))
     if parts.shape != rgb.shape[:2] or vid.shape != rgb.shape[:2]:
         raise ds.DatasetFormatError(f"sample {raw['__key__']}: rgb/parts/vid sizes differ")
     return rgb, parts, vid, meta
@@ -519,7 +512,6 @@ def decode_and_augment(raw: dict[str, Any], params: AugParams, out_hw: tuple[int
         "identity": identity_of(meta),
         "key": str(raw["__key__"]),
         "url": str(raw["__url__"]),
-        "json": meta,
     }
 
 
