@@ -19,6 +19,7 @@ from trainer.evaluation import (
     similarity_histogram,
     threshold_sweep,
     true_ranks,
+    wilson_interval,
 )
 from trainer.explain import justification, part_tiers
 from trainer.recognition import (
@@ -207,3 +208,12 @@ def test_justification_for_the_issue_example_and_unknown():
     assert "no part matches strongly" in s and "head matches weakly" in s
     empty = _recognition({})
     assert justification(empty).startswith("No person was found")
+
+
+def test_wilson_interval_of_rank1_matches_the_textbook_values():
+    # 39 of 200 right (the demo's 19.5%): Wilson 95% interval 14.6%-25.5% (scipy's binomtest gives the same)
+    low, high = wilson_interval(39, 200)
+    assert low == pytest.approx(0.1460552, abs=1e-6) and high == pytest.approx(0.2554404, abs=1e-6)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775328), abs=1e-6)
+    assert wilson_interval(10, 10) == pytest.approx((0.7224672, 1.0), abs=1e-6)
+    assert wilson_interval(0, 0) == (0.0, 1.0)

@@ -138,6 +138,18 @@ def expected_rank1(rates: np.ndarray, true_rows: np.ndarray) -> float:
     return float(np.mean(np.where(better == 0, 1.0 / tied, 0.0)))
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95% for the default z): how far a Rank-1 measured on n test images
+    can sit from the true one by sampling alone (200 images: about +-6 points), so two runs whose
+    intervals overlap widely are not evidence that one design is better."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+
+
 def cmc_curve(ranks: np.ndarray, size: int) -> np.ndarray:
     """(size,) share of queries whose true identity is within the top k, k = 1..size."""
     if len(ranks) == 0:
@@ -446,6 +458,7 @@ def summarize(
         out.update(
             {
                 "rank1": float(cmc[0]),
+                "rank1_ci95": list(wilson_interval(int((ranks == 1).sum()), len(rows))),
                 "rank5": float(cmc[min(4, size - 1)]),
                 "rank10": float(cmc[min(9, size - 1)]),
                 "cmc": [float(x) for x in cmc],
@@ -633,7 +646,8 @@ def report_markdown(
         lines += [
             "| metric | value |",
             "|---|---|",
-            f"| Rank-1 | {_pct(s['rank1'])} |",
+            f"| Rank-1 (95% interval) | {_pct(s['rank1'])} ({_pct(s['rank1_ci95'][0])} to "
+            f"{_pct(s['rank1_ci95'][1])}) |",
             f"| Rank-5 | {_pct(s['rank5'])} |",
             f"| Rank-10 | {_pct(s['rank10'])} |",
             f"| mAP | {_pct(s['mAP'])} |",

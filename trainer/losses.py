@@ -89,17 +89,23 @@ def positive_lse(logits: Tensor, pix: PixelSample, pix_rows: Tensor, point_parts
     return torch.logsumexp(own.masked_fill(~same_part, float("-inf")), dim=1)
 
 
-def contrastive_loss(logits: Tensor, pix: PixelSample, pix_rows: Tensor, point_parts: Tensor) -> Tensor:
+def contrastive_loss(
+    logits: Tensor, pix: PixelSample, pix_rows: Tensor, point_parts: Tensor, positive: Tensor | None = None
+) -> Tensor:
     """(a) multi-positive InfoNCE over all points of all identities in the batch.
 
     logits (M,P,N) from similarity_logits; pix_rows (M,) = which of the P point sets is the pixel's
-    identity; point_parts (N,). Positives: same identity and same part.
+    identity; point_parts (N,). Positives: same identity and same part. `positive`: positive_lse's result
+    when the caller already has it (the step shares it with identity_loss).
     """
-    lse_all = torch.logsumexp(logits.flatten(1), dim=1)
-    return (lse_all - positive_lse(logits, pix, pix_rows, point_parts)).mean()
+    if positive is None:
+        positive = positive_lse(logits, pix, pix_rows, point_parts)
+    return (torch.logsumexp(logits.flatten(1), dim=1) - positive).mean()
 
 
-def identity_loss(logits: Tensor, pix: PixelSample, pix_rows: Tensor, point_parts: Tensor) -> Tensor:
+def identity_loss(
+    logits: Tensor, pix: PixelSample, pix_rows: Tensor, point_parts: Tensor, positive: Tensor | None = None
+) -> Tensor:
     """(a') the identity half of (a), isolated: the same positives, but the softmax runs over the points of
     the pixel's part only (in every identity of the batch), so parts cannot explain the loss away and
     the whole gradient asks "which person's <part> is this?" (0 when the batch holds one identity)."""
@@ -108,7 +114,9 @@ def identity_loss(logits: Tensor, pix: PixelSample, pix_rows: Tensor, point_part
         return logits.sum() * 0
     other_part = (pix.parts[:, None] != point_parts[None, :])[:, None, :]  # (M, 1, N), broadcast over P
     lse_part = torch.logsumexp(logits.masked_fill(other_part, float("-inf")).flatten(1), dim=1)
-    return (lse_part - positive_lse(logits, pix, pix_rows, point_parts)).mean()
+    if positive is None:
+        positive = positive_lse(logits, pix, pix_rows, point_parts)
+    return (lse_part - positive).mean()
 
 
 def dense_loss(
@@ -191,8 +199,9 @@ def registration_losses(
     zero = point_emb.sum() * 0
     if len(rows):
         logits = similarity_logits(pix, point_emb, temperature)
-        lc = contrastive_loss(logits, pix, rows, point_parts)
-        li = identity_loss(logits, pix, rows, point_parts) if cfg.w_identity > 0 else zero
+        pos = positive_lse(logits, pix, rows, point_parts)
+        lc = contrastive_loss(logits, pix, rows, point_parts, pos)
+        li = identity_loss(logits, pix, rows, point_parts, pos) if cfg.w_identity > 0 else zero
         tgt = target_points(pix, vertex_to_point, point_index)
         ld = dense_loss(logits, pix, rows, point_xyz, tgt, cfg.dense_sigma)
     else:
