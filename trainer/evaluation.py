@@ -139,9 +139,9 @@ def expected_rank1(rates: np.ndarray, true_rows: np.ndarray) -> float:
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval of a proportion (95% for the default z): how far a Rank-1 measured on n test images
-    can sit from the true one by sampling alone (200 images: about +-6 points), so two runs whose
-    intervals overlap widely are not evidence that one design is better."""
+    """Wilson score interval of a proportion (95% for the default z): how far a Rank-1 measured on n
+    test images can sit from the true one by sampling alone (200 images: about +-6 points), so two runs
+    whose intervals overlap widely are not evidence that one design is better."""
     if n <= 0:
         return (0.0, 1.0)
     p = successes / n
