@@ -313,7 +313,7 @@ def test_config_yaml_loads_partially_and_refuses_unknown_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'rendr' in GenConfig"):
         load_config(bad)
     bad.write_text("render:\n  width: wide\n")
-    with pytest.raises(ConfigError, match=r"render: width: expected an integer, got 'wide'"):
+    with pytest.raises(ConfigError, match=r"render.width: expected an integer, got 'wide'"):
         load_config(bad)
 
 

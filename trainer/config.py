@@ -10,17 +10,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from protoreg.config_io import ConfigError, from_dict, read_yaml_mapping, to_plain
 
-class ConfigError(ValueError):
-    """A configuration file or value is wrong; the message is one line naming the key."""
+__all__ = ["ConfigError", "TrainConfig", "config_from_dict", "load_config", "save_config", "to_dict"]
 
 
 @dataclass
@@ -123,85 +121,19 @@ class TrainConfig:
     # oversubscription next to the DataLoader workers on small machines)
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    """Coerce a YAML value to the annotated field type (tuples come back from YAML as lists)."""
-    origin = typing.get_origin(tp)
-    if is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return _from_dict(tp, value, where)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, where) for v in value)
-        if len(args) != len(value):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_convert(a, v, where) for a, v in zip(args, value, strict=True))
-    if origin in (typing.Union, types.UnionType):
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
 def config_from_dict(data: dict[str, Any], cls: type = TrainConfig, where: str = "config") -> Any:
     """Build a (nested) config dataclass from plain data; unknown keys raise a one-line ConfigError."""
-    return _from_dict(cls, data or {}, where)
+    return from_dict(cls, data or {}, where)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Dataclass -> plain dict of primitives (tuples become lists), safe for YAML, JSON and checkpoints."""
-
-    def plain(v: Any) -> Any:
-        if is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in fields(v)}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v
-
-    return plain(cfg)
+    return to_plain(cfg)
 
 
 def load_config(path: str | Path) -> TrainConfig:
     """Read a YAML TrainConfig; a missing file, bad YAML or unknown key gives a one-line ConfigError."""
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping of config sections at the top level")
-    return config_from_dict(data, TrainConfig, where=str(p))
+    return config_from_dict(read_yaml_mapping(path), TrainConfig, where=str(path))
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
