@@ -175,6 +175,11 @@ def test_bad_inputs_give_one_line_errors(setup, tmp_path):
     r = cli("recognize", "--checkpoint", other, "--gallery", gallery, "--out", tmp_path / "o", ok)
     assert r.exit_code == 1 and "enrolled with another model" in r.output
     assert len(r.output.strip().splitlines()) == 1
+    # the same architecture with other weights (another run or step) is another model too
+    retrained = make_checkpoint(tmp_path / "retrained.pt", seed=1)
+    r = cli("recognize", "--checkpoint", retrained, "--gallery", gallery, "--out", tmp_path / "o", ok)
+    assert r.exit_code == 1 and "enrolled with another model" in r.output
+    assert len(r.output.strip().splitlines()) == 1
     r = cli("recognize", "--checkpoint", junk, "--gallery", gallery, ok)
     assert r.exit_code == 1 and "junk.jpg" in r.output
 

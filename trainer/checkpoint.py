@@ -1,13 +1,15 @@
 """Checkpoints that load with `torch.load(..., weights_only=True)`: tensors and primitive containers only.
 
 A checkpoint holds the model, optimiser and scheduler states, the step, the RNG states (as tensors), the
-resolved training config and two fingerprints: `model_fingerprint` (sha256 of the model config, which
-galleries store to refuse embeddings from another architecture) and `train_fingerprint` (what a resumed
-run must share). Files are written to a temporary name in the same folder and renamed (atomic).
+resolved training config and two fingerprints: `model_fingerprint` (sha256 of the model config) and
+`train_fingerprint` (what a resumed run must share). Galleries store `weights_fingerprint(model)` (the
+architecture and every saved tensor) to refuse embeddings from any other checkpoint. Files are written to a
+temporary name in the same folder and renamed (atomic).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -166,12 +168,29 @@ def model_from_state(state: dict[str, Any], device: str | torch.device = "cpu") 
     return model.to(device).eval()
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the architecture and every saved tensor (weights, normalisation statistics, the fixed point
+    graph): what galleries store, so that embeddings enrolled with one checkpoint are never compared with
+    pixels embedded by another one, even of the same architecture (another step, another run)."""
+    net = unwrap(model)
+    h = hashlib.sha256(model_fingerprint(net.config).encode())
+    tensors = dict(net.state_dict())
+    if net.point_graph is not None:
+        tensors["<point_graph>"] = net.point_graph
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu")
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_model(path: str | Path, device: str = "cpu") -> tuple[RegistrationNet, dict[str, Any]]:
     """(model in eval mode, saved config dict) from a checkpoint; the dict also carries
-    'model_fingerprint' and 'step'."""
+    'model_fingerprint' (architecture), 'weights_fingerprint' (architecture and weights) and 'step'."""
     state = load_checkpoint(path, map_location=device)
     model = model_from_state(state, device)
     cfg = dict(state["config"])
     cfg["model_fingerprint"] = state["model_fingerprint"]
+    cfg["weights_fingerprint"] = weights_fingerprint(model)
     cfg["step"] = state["step"]
     return model, cfg

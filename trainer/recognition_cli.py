@@ -57,9 +57,11 @@ def input_size_of(config: dict[str, Any]) -> tuple[int, int]:
 
 
 def fingerprint_of(config: dict[str, Any], checkpoint: Path) -> str:
-    """The checkpoint's model fingerprint (the hash of its architecture config)."""
-    if config.get("model_fingerprint"):
-        return str(config["model_fingerprint"])
+    """The checkpoint's fingerprint: of its architecture and weights when known, else of its architecture
+    config, else of the file itself."""
+    for key in ("weights_fingerprint", "model_fingerprint"):
+        if config.get(key):
+            return str(config[key])
     from trainer.config import ModelConfig, config_from_dict, model_fingerprint
 
     try:
@@ -83,7 +85,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
         detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         raise RecognitionError(f"{path}: cannot load checkpoint ({detail[:200]})") from None
     config = dict(config or {})
-    fp = getattr(model, "model_fingerprint", None) or fingerprint_of(config, path)
+    fp = fingerprint_of(config, path)
     max_points = int((config.get("data") or {}).get("max_points", 0) or 0)
     model.eval()
     return LoadedModel(model, config, str(fp), input_size_of(config), max_points, path)
