@@ -1,6 +1,6 @@
 """Loader throughput: decoded + augmented samples/s of the trainer's shard stream (2 workers, 128x256 shards).
 
-Usage: python bench/loader_throughput.py [--shards SPEC] [--workers 2] [--batches 60]
+Usage: python bench/loader_throughput.py [--shards SPEC] [--workers 2] [--batches 60] [--repeats 3]
 Without --shards it writes a 256-sample dataset of 128x256 splat renders (tests/train_fakes.py) to a
 temporary folder. Writes its section of docs/benchmarks.md (between <!-- bench:loader_throughput --> markers).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -79,6 +80,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batches", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="runs per output size (the figures are their median and range)"
+    )
     ap.add_argument("--describe", default="", help="words for the data in the section (default: the SPEC)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
@@ -104,24 +108,35 @@ def main() -> None:
     cores = os.cpu_count() or 1
     rows = []
     for out_hw in ((256, 128), (128, 64)):
-        sps, cpu_per_sample = measure(urls, args.workers, args.batches, out_hw, args.batch_size)
+        runs = []  # the machine's speed drifts by a quarter from minute to minute: several runs, median
+        for _ in range(max(1, args.repeats)):
+            runs.append(measure(urls, args.workers, args.batches, out_hw, args.batch_size))
+            print(f"  {out_hw[1]}x{out_hw[0]}: {runs[-1][0]:.0f} samples/s, {runs[-1][1] * 1e3:.2f} CPU-ms")
+        sps = [r[0] for r in runs]
+        cpu = [r[1] for r in runs]
         one = cpu_rate(urls, max(4, args.batches // 3), out_hw, args.batch_size)
-        rows.append((out_hw, sps, cpu_per_sample, one))
+        rows.append((out_hw, sps, cpu, one))
+        mid_sps, mid_cpu = statistics.median(sps), statistics.median(cpu)
         print(
-            f"output {out_hw[1]}x{out_hw[0]}: {sps:.0f} samples/s ({args.workers} workers), "
-            f"{cpu_per_sample * 1e3:.2f} CPU-ms per sample (workers + main) "
-            f"-> {cores / cpu_per_sample:.0f}/s "
-            f"on {cores} idle cores; {one:.0f} per CPU-s in 1 process"
+            f"output {out_hw[1]}x{out_hw[0]}: {mid_sps:.0f} samples/s ({args.workers} workers, median of "
+            f"{len(runs)}), {mid_cpu * 1e3:.2f} CPU-ms per sample (workers + main) "
+            f"-> {cores / mid_cpu:.0f}/s on {cores} idle cores; {one:.0f} per CPU-s in 1 process"
         )
     load1 = os.getloadavg()[0]
+    med = statistics.median
+
+    def spread(values: list[float], fmt: str) -> str:
+        return f"{fmt.format(med(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
     text = [
         "## Loader throughput (`bench/loader_throughput.py`)",
         "",
         f"Data: {origin}. Decoding with SAFE_DECODERS (OpenCV), full default augmentation: per sample in the "
-        "workers fit + random resized crop, JPEG re-compression (with its probability), colour jitter and "
-        "blur on uint8 through OpenCV; per batch in the consuming process noise and random erasing (numpy), "
-        f"after the compact hand-over through shared memory. {args.workers} DataLoader workers, batch "
-        f"{args.batch_size}, {args.batches} batches after 5 warm-up batches. CPU: {platform.machine()}, "
+        "workers fit + random resized crop, background replacement, JPEG re-compression, colour jitter and "
+        "blur (each with its probability) on uint8 through OpenCV; per batch in the consuming process noise "
+        f"and random erasing, after the compact hand-over through shared memory. {args.workers} DataLoader "
+        f"workers, batch {args.batch_size}, {args.batches} batches after 5 warm-up batches, {args.repeats} "
+        f"runs per size (median, and the range in brackets). CPU: {platform.machine()}, "
         f"{cores} cores, torch {torch.__version__}; "
         f"1-minute load average {load0:.1f} before / {load1:.1f} after (other jobs on the machine slow the "
         "wall figures). Target: >= 1,500 samples/s.",
@@ -131,11 +146,14 @@ def main() -> None:
         "(1 process) |",
         "|---|---:|---:|---:|---:|",
         *[
-            f"| {hw[1]}x{hw[0]} | {sps:.0f} | {c * 1e3:.2f} | {cores / c:.0f} | {one:.0f} |"
-            for hw, sps, c, one in rows
+            f"| {hw[1]}x{hw[0]} | {spread(sps, '{:.0f}')} | {spread([c * 1e3 for c in cpu], '{:.2f}')} | "
+            f"{cores / med(cpu):.0f} | {one:.0f} |"
+            for hw, sps, cpu, one in rows
         ],
         "",
-        "Wall figures depend on what else runs. CPU-ms per sample counts every process of the 2-worker run "
+        "Wall figures depend on what else runs, and on this virtual machine also drift by up to a quarter "
+        "between runs minutes apart with nothing else running (the same code measured 1.45-1.96 CPU-ms per "
+        "sample in one quarter of an hour). CPU-ms per sample counts every process of the 2-worker run "
         "(decoding, augmentation, the shared-memory hand-over, the finishing in the main process, and each "
         "worker's reading of the tar headers of the batches it skips), so cores / CPU-ms estimates what the "
         "machine reaches with nothing else running (conservatively under load: CPU-ms itself rises when "

@@ -214,6 +214,12 @@ def decode_parts(data: bytes) -> np.ndarray:
 
 def decode_vid(data: bytes) -> np.ndarray:
     """16-bit PNG bytes -> (H, W) int32 (0 = none, else vertex index + 1)."""
+    return decode_vid_values(data).astype(np.int32)
+
+
+def decode_vid_values(data: bytes) -> np.ndarray:
+    """16-bit PNG bytes -> (H, W) uint16 exactly as stored: the training loader resamples and packs these
+    as they are (an int32 copy per sample would cost a pass over twice the bytes)."""
     h, w, depth, colour = _png_header(data, "vid.png")
     if depth != 16 or colour != _PNG_GREY:
         raise DatasetFormatError(
@@ -222,7 +228,7 @@ def decode_vid(data: bytes) -> np.ndarray:
     values = _cv2_decode(data, opencv().IMREAD_UNCHANGED, "vid.png")
     if values.shape != (h, w) or values.dtype != np.uint16:
         raise DatasetFormatError(f"vid.png: decoded to {values.shape} {values.dtype}, expected {(h, w)}")
-    return values.astype(np.int32)
+    return values
 
 
 def decode_json(data: bytes) -> dict[str, Any]:

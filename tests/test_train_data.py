@@ -146,6 +146,40 @@ def test_corrupt_jpeg_is_skipped_and_counted(tmp_path):
     assert sum(b["skipped"] for b in batches) == 1
 
 
+def test_tar_reader_gives_tarfiles_members_and_webdatasets_keys(tmp_path):
+    """The loader's own tar parser (every worker runs it on every sample) against the standard library:
+    the same regular files with the same bytes from ustar, pax and GNU headers (long names, a prefix
+    field), __meta__ names and directories left out; keys split as webdataset's regex splits them."""
+    import io
+    import re
+
+    from trainer.data import _tar_number, split_key, tar_file_members
+
+    names = ["000001.rgb.jpg", "000001.json", "d" * 120 + "/000002.vid.png", "__index__", "sub/x.y.z"]
+    for fmt, path in [(tarfile.USTAR_FORMAT, tmp_path / "u.tar"), (tarfile.PAX_FORMAT, tmp_path / "p.tar"),
+                      (tarfile.GNU_FORMAT, tmp_path / "g.tar")]:  # fmt: skip
+        with tarfile.open(path, "w", format=fmt) as tf:
+            info = tarfile.TarInfo("adir")
+            info.type = tarfile.DIRTYPE
+            tf.addfile(info)
+            long = [] if fmt == tarfile.USTAR_FORMAT else ["e" * 130 + ".json"]  # a pax / GNU long name
+            for i, n in enumerate(names + long):
+                data = bytes(range(i, i + 7)) * (i * 100 + 1)
+                info = tarfile.TarInfo(n)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+        with tarfile.open(path) as tf:
+            expected = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()]
+        expected = [(n, d) for n, d in expected if n != "__index__"]
+        with open(path, "rb") as f:
+            assert list(tar_file_members(f, str(path))) == expected, fmt
+    assert _tar_number(b"0000644\0") == 0o644 and _tar_number(b"\x80" + bytes(6) + b"\x01\x00") == 256
+    webdataset_split = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+    for name in ["a.b", "dir/x.y.Z", ".hidden", "a", "d.e/f", "d/.x", "a.b/.x", "x..y", "a.b/"]:
+        m = webdataset_split.match(name)
+        assert split_key(name) == ((m.group(1), m.group(2).lower()) if m else None), name
+
+
 def test_prototype_bank_and_fixed_point_subset(fake_ds):
     bank = load_prototype_bank(fake_ds / "prototypes.h5", max_points=200)
     assert bank.points.shape == (3, 200, 3) and bank.parts.shape == (200,)
@@ -313,6 +347,8 @@ def test_decoders_give_pillows_pixels_and_refuse_what_the_schema_does_not_allow(
     assert np.array_equal(ds.decode_parts(buf.getvalue()), np.asarray(palette))
     decoded = ds.decode_vid(_png_bytes(vid))
     assert decoded.dtype == np.int32 and np.array_equal(decoded, vid)
+    stored = ds.decode_vid_values(_png_bytes(vid))  # what the training loader packs
+    assert stored.dtype == np.uint16 and np.array_equal(stored, vid)
     for bad, decode, words in [
         (jpeg[: len(jpeg) // 2], ds.decode_rgb, "truncated JPEG"),
         (_png_bytes(labels), ds.decode_rgb, "expected a JPEG"),
@@ -370,3 +406,14 @@ def test_noise_reaches_batches_in_any_memory_layout():
     y = noise_batch(x.clone(), params)
     assert torch.allclose(y[0], (x[0] + 0.05 * shifted_noise(9, (16, 8))).clamp(0, 1), atol=1e-6)
     assert torch.equal(y[1], x[1])
+
+
+def test_clip_unit_is_np_clip():
+    """The noise's in-place clip (two OpenCV thresholds) gives exactly np.clip's values."""
+    from trainer.augment import clip_unit
+
+    x = (np.random.default_rng(0).random((3, 16, 8), dtype=np.float32) - 0.3) * 2
+    x[0, 0, :3] = (0.0, 1.0, -0.0)
+    y = x.copy()
+    clip_unit(y)
+    assert np.array_equal(y, np.clip(x, 0, 1)) and (y != x).any()

@@ -329,14 +329,15 @@ class TruncatedShard(ValueError):
 
 
 TAR_BLOCK = 512
+_ZERO_BLOCK = bytes(TAR_BLOCK)
 _META_NAME = re.compile(r"__[^/]*__($|/)")
+_FILE_KINDS = (b"0", b"\0", b"7")
 
 
 def _tar_number(field: bytes) -> int:
-    field = field.rstrip(b"\0 ").lstrip(b" ")
-    if field[:1] in (b"\x80", b"\xff"):  # GNU base-256 for large sizes
+    if field[:1] in (b"\x80", b"\xff"):  # GNU base-256 for large sizes (its zero bytes are digits)
         return int.from_bytes(field[1:], "big")
-    return int(field or b"0", 8)
+    return int(field.strip(b"\0 ") or b"0", 8)
 
 
 def _read_exact(stream: Any, n: int, url: str) -> bytes:
@@ -357,22 +358,35 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return out
 
 
-def tar_file_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
-    """Regular files of a (ustar, pax or GNU) tar stream as webdataset file dicts, read block by block.
+def _header_name(header: bytes) -> str:
+    """A ustar header's path: name, behind its prefix field when there is one."""
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+    if header[345] and header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8")
+        return f"{prefix}/{name}"
+    return name
+
+
+def tar_file_members(stream: Any, url: str) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular files of a (ustar, pax or GNU) tar stream, read block by block.
 
     Does what webdataset's tar_file_iterator does (skips non-files and __meta__ names) at a fraction of
     tarfile's per-member cost: every loader worker parses every sample's headers to keep the shuffled
-    order, so this cost is paid once per sample per worker.
+    order, so this cost is paid once per sample per worker (hence the plain loop over plain values).
     """
+    read = stream.read
     pax: dict[str, str] = {}
     long_name: str | None = None
     while True:
-        header = stream.read(TAR_BLOCK)
-        if len(header) == 0 or header == bytes(TAR_BLOCK):
-            return  # end of archive (a zero block, or a stream that simply ends)
+        header = read(TAR_BLOCK)
         if len(header) != TAR_BLOCK:
+            if not header:
+                return  # a stream that simply ends
             raise TruncatedShard(f"{url}: truncated tar header")
-        if _tar_number(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+        if header == _ZERO_BLOCK:
+            return  # end of archive
+        stored = header[148:156]  # the checksum counts its own field as 8 spaces
+        if _tar_number(stored) != sum(header) - sum(stored) + 256:
             raise TruncatedShard(f"{url}: tar header checksum mismatch")
         kind = header[156:157]
         size = int(pax["size"]) if "size" in pax else _tar_number(header[124:136])
@@ -380,30 +394,32 @@ def tar_file_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
         data = _read_exact(stream, size + pad, url)  # the member and its padding in one read
         if pad:
             data = data[:size]
-        if kind == b"x":
+        if kind in _FILE_KINDS and not pax and long_name is None:  # the common case: a plain ustar file
+            name = _header_name(header)
+        elif kind == b"x":
             pax = _pax_records(data)
             continue
-        if kind == b"L":
+        elif kind == b"L":
             long_name = data.rstrip(b"\0").decode("utf-8")
             continue
-        if kind == b"g":
+        elif kind == b"g":
             continue
-        name = pax.get("path") or long_name
-        if name is None:
-            name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
-            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
-            name = f"{prefix}/{name}" if prefix else name
-        pax, long_name = {}, None
-        if kind not in (b"0", b"\0", b"7") or _META_NAME.match(name):
+        else:
+            name = pax.get("path") or long_name or _header_name(header)
+            pax, long_name = {}, None
+        if kind not in _FILE_KINDS or ("__" in name and _META_NAME.match(name)):
             continue
-        yield {"fname": name, "data": data, "__url__": url}
+        yield name, data
 
 
-def tar_members(opened: Iterator[dict[str, Any]], handler: SkipCounter) -> Iterator[dict[str, Any]]:
-    """Files of the shards webdataset's url_opener opened; a broken shard is counted and left."""
+def tar_members(opened: Iterator[dict[str, Any]], handler: SkipCounter) -> Iterator[tuple[str, bytes, str]]:
+    """(name, bytes, url) of the files of the shards webdataset's url_opener opened; a broken shard is
+    counted and left."""
     for source in opened:
+        url = source["url"]
         try:
-            yield from tar_file_members(source["stream"], source["url"])
+            for name, data in tar_file_members(source["stream"], url):
+                yield name, data, url
         except Exception as exn:  # noqa: BLE001 - counted; the rest of the shard is lost
             handler(exn)
         finally:
@@ -415,29 +431,43 @@ def tar_members(opened: Iterator[dict[str, Any]], handler: SkipCounter) -> Itera
 _BASE_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/extension split
 
 
+def split_key(name: str) -> tuple[str, str] | None:
+    """webdataset's key/extension split of a member name: (path up to the first dot of the base name,
+    the rest lower-cased), or None without such a dot (string methods: a regex per member costs more)."""
+    base = name.rfind("/") + 1
+    dot = name.find(".", base)
+    if dot < 0:
+        return None
+    if dot == base:  # a base name starting with a dot: the regex's own (odd) answer
+        m = _BASE_EXT.match(name)
+        return (m.group(1), m.group(2).lower()) if m else None
+    return name[:dot], name[dot + 1 :].lower()
+
+
 def group_samples(
-    files: Iterator[dict[str, Any]], keep: set[str], handler: SkipCounter
+    files: Iterator[tuple[str, bytes, str]], keep: set[str], handler: SkipCounter
 ) -> Iterator[dict[str, Any]]:
     """Consecutive tar members with the same key -> one sample holding only the entries in `keep`
     (webdataset's group_by_keys, without its per-member overhead that every worker pays for every
     sample); a duplicate entry is counted and dropped."""
     current: dict[str, Any] | None = None
+    current_key = None
     seen: set[str] = set()
-    for f in files:
-        m = _BASE_EXT.match(f["fname"])
-        if m is None:
+    for name, data, url in files:
+        split = split_key(name)
+        if split is None:
             continue
-        key, ext = m.group(1), m.group(2).lower()
-        if current is None or key != current["__key__"]:
+        key, ext = split
+        if key != current_key:
             if current is not None:
                 yield current
-            current, seen = {"__key__": key, "__url__": f["__url__"]}, set()
+            current, current_key, seen = {"__key__": key, "__url__": url}, key, set()
         if ext in seen:
-            handler(ValueError(f"{f['fname']}: duplicate file name in tar file"))
+            handler(ValueError(f"{name}: duplicate file name in tar file"))
             continue
         seen.add(ext)
         if ext in keep:
-            current[ext] = f["data"]
+            current[ext] = data
     if current is not None:
         yield current
 
@@ -492,8 +522,10 @@ def identity_of(meta: dict[str, Any]) -> int:
 
 
 def decode_training_entries(raw: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """Only the entries training reads (rgb, parts, vid, json), with the schema's safe decoders."""
-    rgb, parts, vid, meta = (ds.decode_entry(n, raw[n]) for n in ("rgb.jpg", "parts.png", "vid.png", "json"))
+    """Only the entries training reads (rgb, parts, vid, json), with the schema's safe decoders; vid as its
+    stored uint16 values (what the batches are packed as)."""
+    rgb, parts, meta = (ds.decode_entry(n, raw[n]) for n in ("rgb.jpg", "parts.png", "json"))
+    vid = ds.decode_vid_values(raw["vid.png"])  # raw_samples hands out plain bytes
     if parts.shape != rgb.shape[:2] or vid.shape != rgb.shape[:2]:
         raise ds.DatasetFormatError(f"sample {raw['__key__']}: rgb/parts/vid sizes differ")
     return rgb, parts, vid, meta
@@ -581,8 +613,10 @@ def pack_batch(
 ) -> dict[str, Any]:
     """Per-sample results in one flat uint8 buffer (`packed_views`: rgb uint8, parts uint8, vid uint16)
     plus each sample's AugParams and plain-Python metadata. This is what crosses from a loader worker to
-    the trainer: a quarter of the bytes of the float/long batch in a single shared-memory block
-    (`slots[slot]` when given), as copying batches through shared memory costs more than augmenting."""
+    the trainer: a quarter of the bytes of the float/long batch in a single shared-memory block, as
+    copying batches through shared memory costs more than augmenting. Packed into `slots[slot]` when
+    given, the batch names only its slot ("buffer" None): the consumer reads the slot through its own
+    mapping, so no tensor (a file descriptor to pass, a fresh mapping to page-fault) crosses over."""
     b = len(items)
     hw = items[0]["parts"].shape if items else (1, 1)
     nbytes = packed_bytes(b, hw)
@@ -593,6 +627,8 @@ def pack_batch(
     else:
         buffer = torch.empty(nbytes, dtype=torch.uint8)
     rgb, parts, vid = packed_views(buffer.numpy(), b, hw)
+    if slot >= 0:
+        buffer = None
     if items:
         cv2 = ds.opencv()
         for i, it in enumerate(items):
@@ -600,7 +636,7 @@ def pack_batch(
             if cv2.split(it["rgb"], planes)[0].ctypes.data != planes[0].ctypes.data:
                 rgb[i] = it["rgb"].transpose(2, 0, 1)  # OpenCV declined the views: plain copy
         np.stack([it["parts"] for it in items], out=parts)
-        np.stack([it["vid"] for it in items], out=vid, casting="unsafe")  # 16-bit PNG values
+        np.stack([it["vid"] for it in items], out=vid, casting="unsafe")  # 16-bit PNG values (int32 ok)
     return {
         "buffer": buffer,
         "hw": tuple(hw),
@@ -757,6 +793,12 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def _as_is(packed: dict[str, Any]) -> dict[str, Any]:
+    """The DataLoader's per-batch conversion, as nothing: a packed batch is ready to send (the default
+    walks every list and dict of it looking for numpy arrays, in every worker, for every batch)."""
+    return packed
+
+
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
@@ -800,6 +842,8 @@ class BatchLoader:
             stream.slots = None
         for packed in self.iterator:
             try:
+                if packed["buffer"] is None:  # packed into a slot (see pack_batch)
+                    packed["buffer"] = slots.data[packed["slot"]]
                 batch = finish_batch(packed)
             finally:
                 if slots is not None and packed["slot"] >= 0:
@@ -810,9 +854,9 @@ class BatchLoader:
 def make_loader(stream: ShardStream, workers: int) -> BatchLoader:
     """Batches of the stream: decoded, augmented and packed in the DataLoader workers (batch_size=None),
     finished (float conversion, noise, erasing) in the consuming process."""
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"collate_fn": _as_is}
     if workers > 0:
-        kwargs = {"prefetch_factor": 4, "persistent_workers": False, "worker_init_fn": _worker_init}
+        kwargs.update(prefetch_factor=4, persistent_workers=False, worker_init_fn=_worker_init)
         if sys.platform == "linux":
             kwargs["multiprocessing_context"] = "fork"
     return BatchLoader(DataLoader(stream, batch_size=None, num_workers=workers, **kwargs))
@@ -846,7 +890,7 @@ def iterate_samples(
         out = {
             "rgb": rgb,
             "parts": parts,
-            "vid": vid,
+            "vid": vid.astype(np.int32),
             "valid": np.ones(parts.shape, bool),
             "aug": params,
             "identity": identity_of(meta),
