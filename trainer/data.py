@@ -616,7 +616,8 @@ def pack_batch(
     the trainer: a quarter of the bytes of the float/long batch in a single shared-memory block, as
     copying batches through shared memory costs more than augmenting. Packed into `slots[slot]` when
     given, the batch names only its slot ("buffer" None): the consumer reads the slot through its own
-    mapping, so no tensor (a file descriptor to pass, a fresh mapping to page-fault) crosses over."""
+    mapping, so no tensor crosses over (each one costs a file descriptor fetched from the worker's
+    resource-sharer socket and a second mapping of the slots)."""
     b = len(items)
     hw = items[0]["parts"].shape if items else (1, 1)
     nbytes = packed_bytes(b, hw)
