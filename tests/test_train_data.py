@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.train_fakes import write_fake_dataset
-from trainer.augment import AugParams, augment_batch, crop_box, draw_params, fit_sample, resize_labels
+from trainer.augment import AugParams, crop_box, draw_params, erase_mask, fit_sample, resize_labels
 from trainer.config import AugmentConfig
 from trainer.data import (
     DataSpecError,
@@ -23,6 +23,7 @@ from trainer.data import (
     point_subset,
     rank_shards,
     resolve_spec,
+    to_device_batch,
 )
 
 
@@ -78,14 +79,34 @@ def test_batches_identical_for_any_worker_count_and_resume_position(fake_ds):
 
 
 def test_batch_tensors_have_the_documented_types(fake_ds):
+    """The loader hands over compact batches (uint8 images and parts, uint16 vid, bool valid);
+    to_device_batch makes the model's float images in [0,1] and long labels from them, value for value."""
     b = take(stream(fake_ds), 1, workers=0)[0]
-    assert b["images"].shape == (4, 3, 64, 32) and b["images"].dtype == torch.float32
-    assert 0 <= float(b["images"].min()) and float(b["images"].max()) <= 1
-    assert b["parts"].shape == (4, 64, 32) and b["parts"].dtype == torch.long
-    assert b["vid"].dtype == torch.long and b["valid"].dtype == torch.bool
+    assert b["images"].shape == (4, 3, 64, 32) and b["images"].dtype == torch.uint8
+    assert b["parts"].shape == (4, 64, 32) and b["parts"].dtype == torch.uint8
+    assert b["vid"].dtype == torch.uint16 and b["valid"].dtype == torch.bool
     assert int(b["parts"].max()) <= 15 and b["identity"].tolist() == [int(k) % 3 for k in b["keys"]]
+    d = to_device_batch(b, "cpu")
+    assert d["images"].dtype == torch.float32 and d["images"].shape == (4, 3, 64, 32)
+    assert torch.equal(d["images"] * 255, b["images"].float()) and 0 <= float(d["images"].min())
+    assert float(d["images"].max()) <= 1 and d["parts"].dtype == torch.long and d["vid"].dtype == torch.long
+    assert torch.equal(d["parts"], b["parts"].long()) and torch.equal(d["vid"], b["vid"].long())
+    assert torch.equal(d["valid"], b["valid"]) and d["keys"] == b["keys"]
     empty = collate([], [], 4, 7)  # every sample of a batch corrupt: an empty batch, still counted
-    assert empty["images"].shape[0] == 0 and empty["parts"].dtype == torch.long and empty["skipped"] == 4
+    assert empty["images"].shape[0] == 0 and empty["parts"].dtype == torch.uint8 and empty["skipped"] == 4
+
+
+def test_device_conversion_keeps_16_bit_vertex_ids_and_scales_images():
+    """vid crosses to the device as its bits in int16: ids above 32767 must come back unchanged."""
+    vid = torch.tensor([[[0, 1, 32767, 32768, 65535]]], dtype=torch.int32).to(torch.uint16)
+    images = torch.tensor([0, 1, 128, 254, 255], dtype=torch.uint8).view(1, 1, 1, 5).repeat(1, 3, 1, 1)
+    batch = {"images": images, "parts": torch.full((1, 1, 5), 15, dtype=torch.uint8), "vid": vid,
+             "valid": torch.tensor([[[True, False, True, True, True]]]), "keys": ["k"]}  # fmt: skip
+    d = to_device_batch(batch, torch.device("cpu"))
+    assert d["vid"].tolist() == [[[0, 1, 32767, 32768, 65535]]] and d["vid"].dtype == torch.long
+    expected = torch.tensor([0.0, 1.0, 128.0, 254.0, 255.0]) / 255  # float32, as a float model sees it
+    assert all(torch.equal(d["images"][0, c, 0], expected) for c in range(3)) and float(expected[-1]) == 1.0
+    assert d["parts"].dtype == torch.long and d["valid"].tolist() == [[[True, False, True, True, True]]]
 
 
 def test_ranks_get_disjoint_shards():
@@ -191,14 +212,11 @@ def test_prototype_bank_and_fixed_point_subset(fake_ds):
 
 
 def augment_one(rng, rgb, parts, vid, out_hw, cfg):
-    """fit_sample + augment_batch on a batch of one, back to numpy (H,W,3) uint8-scale, labels, valid."""
+    """fit_sample (the whole per-sample augmentation) -> (H,W,3) image as float, labels, valid."""
     rgb, parts, vid, params = fit_sample(rng, rgb, parts, vid, out_hw, cfg)
-    images = torch.from_numpy(rgb[None].copy()).permute(0, 3, 1, 2).float() / 255
-    images, p, v, valid = augment_batch(
-        images, torch.from_numpy(parts[None].astype(np.int64)), torch.from_numpy(vid[None].astype(np.int64)),
-        [params],
-    )
-    return (images[0].permute(1, 2, 0).numpy() * 255).round(), p[0].numpy(), v[0].numpy(), valid[0].numpy()
+    valid = np.empty(parts.shape, bool)
+    erase_mask(valid, params)
+    return rgb.astype(np.float64), parts.astype(np.int64), vid.astype(np.int64), valid
 
 
 def test_crop_moves_labels_with_pixels():
@@ -226,20 +244,38 @@ def test_crop_moves_labels_with_pixels():
     assert np.array_equal(resize_labels(parts, box, (64, 32)), parts)
 
 
-def test_identity_params_leave_a_batch_unchanged():
-    x = torch.rand(2, 3, 16, 8)
-    labels = torch.randint(0, 16, (2, 16, 8))
-    y, p, v, valid = augment_batch(x.clone(), labels.clone(), labels.clone(), [AugParams(), AugParams()])
-    assert torch.equal(y, x) and torch.equal(p, labels) and torch.equal(v, labels) and bool(valid.all())
+def test_worker_noise_is_the_shifted_field_on_uint8_and_seeded():
+    """The loader worker's noise on uint8 is the float definition (`shifted_noise`, std in [0,1] units)
+    rounded and saturated; the same parameters give the same pixels, and the input is left alone."""
+    from trainer.augment import PhotoParams, noise_sample, shifted_noise
+
+    rgb = np.random.default_rng(3).integers(0, 256, (16, 8, 3), dtype=np.uint8)
+    rgb[0, 0] = (0, 255, 128)  # saturation at both ends
+    keep = rgb.copy()
+    def noised(seed: int) -> np.ndarray:
+        return noise_sample(rgb, AugParams(photo=PhotoParams(noise_std=0.05, noise_seed=seed)))
+
+    out = noised(12345)
+    assert np.array_equal(rgb, keep) and out.dtype == np.uint8
+    field = shifted_noise(12345, (16, 8)).permute(1, 2, 0).double().numpy()
+    ref = np.clip(np.rint(rgb.astype(np.float64) + 255 * 0.05 * field), 0, 255)
+    assert np.abs(out - ref).max() <= 1  # float32 rounding at .5 only
+    assert np.array_equal(out, noised(12345)) and not np.array_equal(out, noised(9))
+    assert noise_sample(rgb, AugParams()) is rgb  # no noise drawn: no pass at all
 
 
 def test_erased_pixels_keep_labels_but_are_invalid():
     rng = np.random.default_rng(1)
     parts = np.full((64, 32), 2, np.uint8)
     rgb = np.full((64, 32, 3), 128, np.uint8)
-    cfg = AugmentConfig(erase_p=1.0, jpeg_p=0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
-    _, out_parts, _, valid = augment_one(rng, rgb, parts, parts.astype(np.int32), (64, 32), cfg)
+    cfg = AugmentConfig(erase_p=1.0, jpeg_p=0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), noise_p=0,
+                        blur_p=0, brightness=0, contrast=0, saturation=0, hue=0, background_p=0)  # fmt: skip
+    out, out_parts, _, valid = augment_one(rng, rgb, parts, parts.astype(np.int32), (64, 32), cfg)
     assert (~valid).sum() > 0 and (out_parts == 2).all()
+    params = draw_params(np.random.default_rng(1), (64, 32), cfg)
+    fill = [round(v * 255) for v in params.erase_fill]
+    assert (out[~valid] == fill).all() and (out[valid] == 128).all()  # the box painted, nothing else
+    assert (rgb == 128).all()  # the caller's image is not painted
 
 
 def test_background_replacement_repaints_only_background_pixels_and_is_seeded():

@@ -8,13 +8,15 @@ over uint8 pixels instead of float tensors:
   one resample does the fit to the output size and the random resized crop (and optional flip; bilinear
   RGB, labels nearest at the same pixel centres, so labels move with their pixels), background
   replacement (label-0 pixels repainted with a procedural texture, when drawn), followed by JPEG
-  re-compression at the output size (when drawn), colour jitter as one 3x4 colour matrix and blur as a
-  separable Gaussian;
-- per batch (`augment_batch`), in the process that consumes the batches: noise from a fixed bank of
-  fields and random erasing through masks, on the float images (numpy, single-threaded).
+  re-compression at the output size (when drawn), colour jitter as one 3x4 colour matrix, blur as a
+  separable Gaussian, Gaussian noise from a fixed bank of fields (rounded and saturated to uint8 in one
+  pass) and random erasing (a box painted with a uint8 colour);
+- nothing per batch: the batch stays uint8 until the training step converts it on its device
+  (trainer.data.to_device_batch), and the packing marks erased pixels in `valid`.
 Erased pixels keep their labels but are marked invalid, so no loss trusts them. Every step is a
 single-threaded pass or an elementwise op, so a batch is bit-identical whichever process made it.
-The torch versions of colour, blur and noise for float batches (`photometric`) use the same definitions.
+The torch versions of colour, blur and noise for float batches (`photometric`) use the same definitions
+(the worker's noise is the same shifted field, rounded to uint8).
 """
 
 from __future__ import annotations
@@ -321,9 +323,10 @@ def fit_sample(
 def augment_sample(
     params: AugParams, rgb: np.ndarray, parts: np.ndarray, vid: np.ndarray, out_hw: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The per-sample part: fit + random resized crop to out_hw, background replacement and JPEG
-    re-compression when drawn, colour jitter and blur (sets params.mean_gray). Noise and erasing are left
-    to `augment_batch`."""
+    """The whole augmentation of one sample: fit + random resized crop to out_hw, background replacement
+    and JPEG re-compression when drawn, colour jitter and blur (sets params.mean_gray), noise and erasing
+    (the erased pixels' `valid` follows from params.erase, see `erase_mask`). Never changes its inputs."""
+    source = rgb
     rgb, parts, vid = crop_sample(rgb, parts, vid, params, out_hw)
     rgb = background_sample(rgb, parts, params)
     if params.jpeg_quality:
@@ -332,21 +335,65 @@ def augment_sample(
         params.mean_gray = mean_gray(rgb)
     rgb = colour_sample(rgb, params)
     rgb = blur_sample(rgb, params)
-    return rgb, parts, vid
+    rgb = noise_sample(rgb, params)
+    if params.erase is not None and np.may_share_memory(rgb, source):
+        rgb = rgb.copy()  # erasing paints in place; the caller's image stays as it was
+    return erase_sample(rgb, params), parts, vid
+
+
+def noise_sample(rgb: np.ndarray, params: AugParams) -> np.ndarray:
+    """uint8 (H,W,3) image + 255 * noise_std * the seed's shifted bank field (`shifted_noise`, so noise_std
+    keeps its [0, 1]-image meaning), rounded and saturated to 0..255 by OpenCV's addWeighted in one pass
+    per piece of the roll (no int16 or float copy of the image). Returns a new array when it noises."""
+    std = params.photo.noise_std
+    if std <= 0:
+        return rgb
+    h, w, c = rgb.shape
+    size = h * w * c
+    field = noise_field_hwc(params.photo.noise_seed, (h, w)).reshape(1, size)
+    src = np.ascontiguousarray(rgb).reshape(1, size)
+    out = np.empty_like(rgb)
+    dst = out.reshape(1, size)
+    k = c * ((params.photo.noise_seed // NOISE_FIELDS) % (h * w))  # the roll, in whole pixels
+    _add_scaled_u8(src[:, k:], field[:, : size - k], 255.0 * std, dst[:, k:])
+    if k:
+        _add_scaled_u8(src[:, :k], field[:, size - k :], 255.0 * std, dst[:, :k])
+    return out
+
+
+def _add_scaled_u8(src: np.ndarray, field: np.ndarray, alpha: float, dst: np.ndarray) -> None:
+    """dst = saturate(round(src + alpha * field)) for uint8 src/dst and a float32 field, into the view."""
+    cv2 = opencv()
+    out = cv2.addWeighted(src, 1.0, field, alpha, 0.0, dst=dst, dtype=cv2.CV_8U)
+    if out.ctypes.data != dst.ctypes.data:  # OpenCV declined the view: copy its result over
+        dst[...] = out
+
+
+def erase_sample(rgb: np.ndarray, params: AugParams) -> np.ndarray:
+    """Paint the drawn erase box of a uint8 (H,W,3) image with its fill colour, in place."""
+    if params.erase is None:
+        return rgb
+    y0, x0, eh, ew = params.erase
+    rgb[y0 : y0 + eh, x0 : x0 + ew] = erase_colour(params)
+    return rgb
+
+
+def erase_colour(params: AugParams) -> np.ndarray:
+    """The erase fill as uint8 (erase_fill holds k / 255 for whole k)."""
+    return np.array([round(v * 255) for v in params.erase_fill], dtype=np.uint8)
+
+
+def erase_mask(valid: np.ndarray, params: AugParams) -> None:
+    """Mark a sample's erased box invalid in its (H,W) bool `valid` (erased pixels keep their labels, but
+    no loss may trust them); the rest is set valid."""
+    valid.fill(True)
+    if params.erase is not None:
+        y0, x0, eh, ew = params.erase
+        valid[y0 : y0 + eh, x0 : x0 + ew] = False
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Batch level (torch, after collation)
-
-
-def augment_batch(
-    images: torch.Tensor, parts: torch.Tensor, vid: torch.Tensor, params: list[AugParams]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The batch half: images (B,3,H,W) float in [0,1] of `fit_sample`ed samples, parts/vid (B,H,W)
-    integer -> noised and erased images, parts and vid (long), valid (B,H,W) bool."""
-    images = noise_batch(images, params)
-    images, valid = erase_batch(images, params)
-    return images, parts.long(), vid.long(), valid
+# Noise for float batches (`photometric`)
 
 
 def noise_batch(images: torch.Tensor, params: list[AugParams]) -> torch.Tensor:
@@ -390,19 +437,6 @@ def _scale_add(src: np.ndarray, alpha: np.float32, dst: np.ndarray) -> None:
     out = opencv().scaleAdd(src, float(alpha), dst, dst=dst)
     if out.ctypes.data != dst.ctypes.data:
         dst += alpha * src
-
-
-def erase_batch(images: torch.Tensor, params: list[AugParams]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paint every drawn erase box with its fill colour; -> images, valid (B,H,W) False inside the boxes."""
-    b, _, h, w = images.shape
-    x = images.numpy()
-    valid = np.ones((b, h, w), dtype=bool)
-    for i, p in enumerate(params):
-        if p.erase is not None:
-            y0, x0, eh, ew = p.erase
-            x[i, :, y0 : y0 + eh, x0 : x0 + ew] = np.array(p.erase_fill, dtype=np.float32)[:, None, None]
-            valid[i, y0 : y0 + eh, x0 : x0 + ew] = False
-    return images, torch.from_numpy(valid)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -485,6 +519,18 @@ def noise_field(index: int, hw: tuple[int, int]) -> torch.Tensor:
         g = torch.Generator().manual_seed(0x5EED)
         bank = torch.randn(NOISE_FIELDS, 3, *hw, generator=g)
         _noise_bank[hw] = bank
+    return bank[index % NOISE_FIELDS]
+
+
+_noise_bank_hwc: dict[tuple[int, int], np.ndarray] = {}
+
+
+def noise_field_hwc(index: int, hw: tuple[int, int]) -> np.ndarray:
+    """`noise_field` as a (H,W,3) float32 array: the layout of the worker's uint8 images."""
+    bank = _noise_bank_hwc.get(hw)
+    if bank is None:
+        bank = np.stack([noise_field(i, hw).permute(1, 2, 0).numpy() for i in range(NOISE_FIELDS)])
+        _noise_bank_hwc[hw] = bank
     return bank[index % NOISE_FIELDS]
 
 

@@ -10,8 +10,10 @@ The stream (per rank) is a pure function of (shards, seed, rank, world size, bat
   for any worker count, and resuming at step N means starting at batch N: exact resume.
 - augmentation randomness comes from one generator per batch seeded by (seed, rank, b); row g - b*B of
   its draws belongs to position g.
-- workers hand packed batches (compact uint8/uint16 arrays in reusable shared-memory slots) to the
-  consuming process, which finishes them (`finish_batch`: float images, long labels, noise, erasing).
+- workers decode and augment every sample completely (noise and erasing included) and hand packed
+  batches (compact uint8/uint16/bool arrays in reusable shared-memory slots) to the consuming process,
+  which copies them out (`unpack_batch`): the batch stays compact (uint8 images) until the training step
+  converts it on its device (`to_device_batch`: float images in [0,1], long labels).
 
 Decoding uses protoreg.dataset.SAFE_DECODERS only: anything else in a sample (.pyd, .pkl, ...) is
 dropped as raw bytes, never unpickled. Unreadable shards, truncated tars and corrupt samples are skipped
@@ -37,7 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
 from protoreg import dataset as ds
-from trainer.augment import NUM_DRAWS, AugParams, augment_batch, augment_sample, fit_sample, params_from_draws
+from trainer.augment import NUM_DRAWS, AugParams, augment_sample, erase_mask, fit_sample, params_from_draws
 from trainer.config import AugmentConfig
 
 REQUIRED = ds.SAMPLE_ENTRIES
@@ -532,8 +534,8 @@ def decode_training_entries(raw: dict[str, Any]) -> tuple[np.ndarray, np.ndarray
 
 
 def decode_and_augment(raw: dict[str, Any], params: AugParams, out_hw: tuple[int, int]) -> dict[str, Any]:
-    """Decode and run the per-sample augmentation with the sample's parameters (noise and erasing follow
-    per batch in `collate`); raises on a corrupt sample."""
+    """Decode and run the whole augmentation with the sample's parameters (`valid` follows from its erase
+    box when packed); raises on a corrupt sample."""
     rgb, parts, vid, meta = decode_training_entries(raw)
     rgb, parts, vid = augment_sample(params, rgb, parts, vid, out_hw)
     return {
@@ -548,18 +550,21 @@ def decode_and_augment(raw: dict[str, Any], params: AugParams, out_hw: tuple[int
 
 
 def packed_bytes(batch_size: int, hw: tuple[int, int]) -> int:
-    """Bytes of one packed batch: rgb (B,3,H,W) uint8, parts (B,H,W) uint8, vid (B,H,W) uint16."""
-    return batch_size * hw[0] * hw[1] * 6
+    """Bytes of one packed batch: rgb (B,3,H,W) uint8, parts (B,H,W) uint8, vid (B,H,W) uint16,
+    valid (B,H,W) bool."""
+    return batch_size * hw[0] * hw[1] * 7
 
 
 def packed_views(buffer: np.ndarray, b: int, hw: tuple[int, int]) -> tuple[np.ndarray, ...]:
-    """rgb, parts, vid arrays laid out in a flat uint8 buffer of at least packed_bytes(b, hw)."""
+    """rgb, parts, vid, valid arrays laid out in a flat uint8 buffer of at least packed_bytes(b, hw)
+    (vid at an even offset, so its uint16 view is aligned)."""
     h, w = hw
     n = b * h * w
     rgb = buffer[: 3 * n].reshape(b, 3, h, w)
     parts = buffer[3 * n : 4 * n].reshape(b, h, w)
     vid = buffer[4 * n : 6 * n].view(np.uint16).reshape(b, h, w)
-    return rgb, parts, vid
+    valid = buffer[6 * n : 7 * n].view(np.bool_).reshape(b, h, w)
+    return rgb, parts, vid, valid
 
 
 def shared_buffer(nbytes: int) -> torch.Tensor:
@@ -611,13 +616,13 @@ def pack_batch(
     slots: BatchSlots | None = None,
     slot: int = -1,
 ) -> dict[str, Any]:
-    """Per-sample results in one flat uint8 buffer (`packed_views`: rgb uint8, parts uint8, vid uint16)
-    plus each sample's AugParams and plain-Python metadata. This is what crosses from a loader worker to
-    the trainer: a quarter of the bytes of the float/long batch in a single shared-memory block, as
-    copying batches through shared memory costs more than augmenting. Packed into `slots[slot]` when
-    given, the batch names only its slot ("buffer" None): the consumer reads the slot through its own
-    mapping, so no tensor crosses over (each one costs a file descriptor fetched from the worker's
-    resource-sharer socket and a second mapping of the slots)."""
+    """Per-sample results in one flat uint8 buffer (`packed_views`: rgb uint8, parts uint8, vid uint16,
+    valid bool from each sample's erase box) plus plain-Python metadata. This is what crosses from a
+    loader worker to the trainer: 7 bytes per pixel in a single shared-memory block (a float/long batch
+    would take 29), as copying batches through shared memory costs more than augmenting. Packed into
+    `slots[slot]` when given, the batch names only its slot ("buffer" None): the consumer reads the slot
+    through its own mapping, so no tensor crosses over (each one costs a file descriptor fetched from the
+    worker's resource-sharer socket and a second mapping of the slots)."""
     b = len(items)
     hw = items[0]["parts"].shape if items else (1, 1)
     nbytes = packed_bytes(b, hw)
@@ -627,7 +632,7 @@ def pack_batch(
         buffer = shared_buffer(nbytes)
     else:
         buffer = torch.empty(nbytes, dtype=torch.uint8)
-    rgb, parts, vid = packed_views(buffer.numpy(), b, hw)
+    rgb, parts, vid, valid = packed_views(buffer.numpy(), b, hw)
     if slot >= 0:
         buffer = None
     if items:
@@ -638,11 +643,12 @@ def pack_batch(
                 rgb[i] = it["rgb"].transpose(2, 0, 1)  # OpenCV declined the views: plain copy
         np.stack([it["parts"] for it in items], out=parts)
         np.stack([it["vid"] for it in items], out=vid, casting="unsafe")  # 16-bit PNG values (int32 ok)
+        for i, it in enumerate(items):
+            erase_mask(valid[i], it["aug"])
     return {
         "buffer": buffer,
         "hw": tuple(hw),
         "slot": slot,
-        "aug": [it["aug"] for it in items],
         "identity": [it["identity"] for it in items],
         "position": list(positions),
         "keys": [it["key"] for it in items],
@@ -652,31 +658,19 @@ def pack_batch(
     }
 
 
-_UNIT_LUT = (np.arange(256) / 255).astype(np.float32)[None]  # uint8 -> float32 x / 255 in one pass
-
-
-def finish_batch(packed: dict[str, Any]) -> dict[str, Any]:
-    """A packed batch -> the trainer's batch (see docs/trainer.md): float images in [0,1], long labels,
-    with the batch-level augmentation (noise, erasing -> `valid`) applied. Copies everything it needs,
-    so the packed buffer can be reused as soon as this returns."""
+def unpack_batch(packed: dict[str, Any]) -> dict[str, Any]:
+    """A packed batch -> the trainer's compact batch (see docs/trainer.md): uint8 images (B,3,H,W), uint8
+    parts, uint16 vid, bool valid, as tensors over one private copy of the packed bytes (one memcpy, one
+    thread), so the packed buffer can be reused as soon as this returns. No conversion here: that is
+    `to_device_batch`'s, in the training step, on the device."""
     b = len(packed["keys"])
-    rgb, parts, vid = packed_views(packed["buffer"].numpy(), b, packed["hw"])
-    # OpenCV/numpy, single-threaded on purpose: torch would split these memory-bound passes over its
-    # intra-op threads, which on a busy machine spin at barriers for more CPU than the work itself takes
-    if b:
-        images = ds.opencv().LUT(rgb.reshape(-1, rgb.shape[-1]), _UNIT_LUT).reshape(rgb.shape)  # x / 255
-    else:
-        images = np.zeros(rgb.shape, np.float32)
-    images_t, parts_t, vid_t, valid = augment_batch(
-        torch.from_numpy(images),
-        torch.from_numpy(parts.astype(np.int64)),
-        torch.from_numpy(vid.astype(np.int64)),
-        packed["aug"],
-    )
+    nbytes = packed_bytes(b, packed["hw"])
+    own = np.array(packed["buffer"].numpy()[:nbytes])  # numpy's copy: a plain memcpy, this thread only
+    rgb, parts, vid, valid = (torch.from_numpy(a) for a in packed_views(own, b, packed["hw"]))
     return {
-        "images": images_t,
-        "parts": parts_t,
-        "vid": vid_t,
+        "images": rgb,
+        "parts": parts,
+        "vid": vid,
         "valid": valid,
         "identity": torch.tensor(packed["identity"], dtype=torch.long),
         "position": torch.tensor(packed["position"], dtype=torch.long),
@@ -687,11 +681,33 @@ def finish_batch(packed: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def to_device_batch(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """The loader's compact batch -> what the model and losses take, converted on `device`: images float
+    in [0,1] (B,3,H,W), parts and vid long (B,H,W), valid bool; other entries as they are (identity and
+    position stay long on the host). uint8 crosses the host and the host->device copy (4x fewer bytes
+    than float32, as FFCV and DALI hand data over); vid crosses as its bits in int16 (torch's uint16 has
+    few device kernels) and is widened back to 0..65535 there."""
+    device = torch.device(device)
+    images = batch["images"].to(device, non_blocking=True).float().div_(255)
+    vid = batch["vid"]
+    if vid.dtype == torch.uint16:
+        vid = vid.view(torch.int16).to(device, non_blocking=True).long().bitwise_and_(0xFFFF)
+    else:
+        vid = vid.to(device, non_blocking=True).long()
+    return {
+        **batch,
+        "images": images,
+        "parts": batch["parts"].to(device, non_blocking=True).long(),
+        "vid": vid,
+        "valid": batch["valid"].to(device, non_blocking=True),
+    }
+
+
 def collate(
     items: list[dict[str, Any]], positions: list[int], skipped: int, batch_index: int
 ) -> dict[str, Any]:
-    """Samples -> the trainer's batch (`pack_batch` then `finish_batch`)."""
-    return finish_batch(pack_batch(items, positions, skipped, batch_index))
+    """Samples -> the trainer's compact batch (`pack_batch` then `unpack_batch`)."""
+    return unpack_batch(pack_batch(items, positions, skipped, batch_index))
 
 
 class ShardStream(IterableDataset):
@@ -805,8 +821,8 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 def reuse_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 20) -> bool:
     """Let glibc serve allocations below `mmap_threshold` from its heap and keep up to `trim_threshold`
-    of freed memory: finishing a batch allocates ~30 MB of fresh arrays, and with the defaults every one
-    of them is mapped and page-faulted anew (half the cost of finishing). False where not glibc."""
+    of freed memory: unpacking a batch allocates a fresh ~7 MB copy (batch 32 at 128x256), and with the
+    defaults every one of them is mapped and page-faulted anew. False where not glibc."""
     if sys.platform != "linux":
         return False
     try:
@@ -821,7 +837,7 @@ def reuse_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 256
 
 
 class BatchLoader:
-    """Iterates a DataLoader of packed batches and finishes each one in this process (`finish_batch`)."""
+    """Iterates a DataLoader of packed batches and unpacks each one in this process (`unpack_batch`)."""
 
     def __init__(self, loader: DataLoader) -> None:
         self.loader = loader
@@ -845,7 +861,7 @@ class BatchLoader:
             try:
                 if packed["buffer"] is None:  # packed into a slot (see pack_batch)
                     packed["buffer"] = slots.data[packed["slot"]]
-                batch = finish_batch(packed)
+                batch = unpack_batch(packed)
             finally:
                 if slots is not None and packed["slot"] >= 0:
                     slots.release(packed["slot"])
@@ -853,8 +869,8 @@ class BatchLoader:
 
 
 def make_loader(stream: ShardStream, workers: int) -> BatchLoader:
-    """Batches of the stream: decoded, augmented and packed in the DataLoader workers (batch_size=None),
-    finished (float conversion, noise, erasing) in the consuming process."""
+    """Compact batches of the stream: decoded, augmented and packed in the DataLoader workers
+    (batch_size=None), copied out in the consuming process; `to_device_batch` converts them."""
     kwargs: dict[str, Any] = {"collate_fn": _as_is}
     if workers > 0:
         kwargs.update(prefetch_factor=4, persistent_workers=False, worker_init_fn=_worker_init)
@@ -909,7 +925,7 @@ def iterate_samples(
 def iterate_batches(
     urls: list[str], batch_size: int, image_hw: tuple[int, int], limit: int | None = None
 ) -> Iterator[dict[str, Any]]:
-    """iterate_samples grouped into collated batches (no augmentation)."""
+    """iterate_samples grouped into compact batches (no augmentation; convert with `to_device_batch`)."""
     items: list[dict[str, Any]] = []
     n = 0
     for s in iterate_samples(urls, image_hw, limit):

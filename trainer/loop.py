@@ -39,6 +39,7 @@ from trainer.data import (
     load_prototype_bank,
     make_loader,
     resolve_spec,
+    to_device_batch,
 )
 from trainer.losses import registration_losses
 from trainer.models import RegistrationNet, count_parameters, knn_graph
@@ -339,7 +340,8 @@ def train(
                 step += 1  # every sample of this batch was corrupt: the step is spent, position kept
                 scheduler.step()
                 continue
-            images = batch["images"].to(device, non_blocking=True)
+            batch = to_device_batch(batch, device)  # uint8 -> float in [0,1], labels -> long, on the device
+            images = batch["images"]
             pts, nrm, alb, rows = batch_points(bank, batch["identity"], device)
             with autocast:
                 feats, point_emb = net(images, pts, nrm, alb)
@@ -351,9 +353,9 @@ def train(
                 pts[:, idx],
                 bank.parts.to(device)[idx],
                 rows,
-                batch["parts"].to(device),
-                batch["vid"].to(device),
-                batch["valid"].to(device),
+                batch["parts"],
+                batch["vid"],
+                batch["valid"],
                 model.temperature,
                 cfg.loss,
                 gen,

@@ -19,7 +19,13 @@ from torch import Tensor
 
 from protoreg.parts import NUM_BODY_PARTS, NUM_LABELS
 from trainer.config import TrainConfig
-from trainer.data import DataSource, attach_body_vertices, iterate_batches, load_prototype_bank
+from trainer.data import (
+    DataSource,
+    attach_body_vertices,
+    iterate_batches,
+    load_prototype_bank,
+    to_device_batch,
+)
 from trainer.losses import grid_labels
 from trainer.models import RegistrationNet
 
@@ -92,9 +98,10 @@ def validate(
         for batch in iterate_batches(
             source.urls, cfg.data.batch_size, tuple(cfg.model.image_size), cfg.data.val_samples
         ):
-            imgs = batch["images"].to(device)
+            batch = to_device_batch(batch, device)
+            imgs = batch["images"]
             feats = model.encode_image(imgs)
-            parts = batch["parts"].to(device)
+            parts = batch["parts"]
             logits = F.interpolate(
                 feats.seg_logits, size=parts.shape[-2:], mode="bilinear", align_corners=False
             )
@@ -104,7 +111,7 @@ def validate(
             ).reshape(NUM_LABELS, NUM_LABELS)
             hw = feats.embeddings.shape[-2:]
             gt_grid = grid_labels(parts, feats.stride, hw)
-            vid_grid = grid_labels(batch["vid"].to(device), feats.stride, hw)
+            vid_grid = grid_labels(batch["vid"], feats.stride, hw)
             pred_grid = feats.seg_logits.argmax(1)
             rows = bank.rows(batch["identity"]).to(device)
             for i in range(imgs.shape[0]):
