@@ -1,4 +1,6 @@
-"""Loader throughput: decoded + augmented samples/s of the trainer's shard stream (2 workers, 128x256 shards).
+"""Loader throughput: decoded + augmented samples/s of the trainer's shard stream (2 workers, 128x256 shards),
+counted up to the compact batch (uint8 images) the loader hands the training step; its conversion to float
+happens in the training step, on the device (trainer.data.to_device_batch), and is not counted.
 
 Usage: python bench/loader_throughput.py [--shards SPEC] [--workers 2] [--batches 60] [--repeats 3]
 Without --shards it writes a 256-sample dataset of 128x256 splat renders (tests/train_fakes.py) to a
@@ -32,10 +34,10 @@ def process_cpu_seconds(pid: int) -> float:
 
 def measure(
     urls: list[str], workers: int, batches: int, out_hw: tuple[int, int], batch_size: int
-) -> tuple[float, float]:
-    """-> (samples/s wall, CPU seconds per sample of the workers and this process together): the second
-    depends far less on other jobs than wall time (somewhat: they share caches), and cores / it is what
-    this configuration could reach with the machine to itself."""
+) -> tuple[float, float, float]:
+    """-> (samples/s wall, CPU seconds per sample of the workers and this process together, of this
+    process alone): the second depends far less on other jobs than wall time (somewhat: they share
+    caches), and cores / it is what this configuration could reach with the machine to itself."""
     from trainer.config import AugmentConfig
     from trainer.data import ShardStream, make_loader
 
@@ -49,11 +51,13 @@ def measure(
             pids += [w.pid for w in getattr(loader.iterator, "_workers", [])]
         if i == 4:  # workers started and prefetch queues warm
             t0, c0 = time.perf_counter(), sum(process_cpu_seconds(p) for p in pids)
+            m0 = process_cpu_seconds(pids[0])
         elif i > 4:
             n += len(b["keys"])
     wall = time.perf_counter() - t0
     cpu = sum(process_cpu_seconds(p) for p in pids) - c0
-    return n / wall, cpu / n
+    main_cpu = process_cpu_seconds(pids[0]) - m0
+    return n / wall, cpu / n, main_cpu / n
 
 
 def cpu_rate(urls: list[str], batches: int, out_hw: tuple[int, int], batch_size: int) -> float:
@@ -111,11 +115,15 @@ def main() -> None:
         runs = []  # the machine's speed drifts by a quarter from minute to minute: several runs, median
         for _ in range(max(1, args.repeats)):
             runs.append(measure(urls, args.workers, args.batches, out_hw, args.batch_size))
-            print(f"  {out_hw[1]}x{out_hw[0]}: {runs[-1][0]:.0f} samples/s, {runs[-1][1] * 1e3:.2f} CPU-ms")
+            print(
+                f"  {out_hw[1]}x{out_hw[0]}: {runs[-1][0]:.0f} samples/s, {runs[-1][1] * 1e3:.2f} CPU-ms "
+                f"({runs[-1][2] * 1e3:.2f} in the main process)"
+            )
         sps = [r[0] for r in runs]
         cpu = [r[1] for r in runs]
+        main_cpu = [r[2] for r in runs]
         one = cpu_rate(urls, max(4, args.batches // 3), out_hw, args.batch_size)
-        rows.append((out_hw, sps, cpu, one))
+        rows.append((out_hw, sps, cpu, main_cpu, one))
         mid_sps, mid_cpu = statistics.median(sps), statistics.median(cpu)
         print(
             f"output {out_hw[1]}x{out_hw[0]}: {mid_sps:.0f} samples/s ({args.workers} workers, median of "
@@ -131,10 +139,15 @@ def main() -> None:
     text = [
         "## Loader throughput (`bench/loader_throughput.py`)",
         "",
-        f"Data: {origin}. Decoding with SAFE_DECODERS (OpenCV), full default augmentation: per sample in the "
-        "workers fit + random resized crop, background replacement, JPEG re-compression, colour jitter and "
-        "blur (each with its probability) on uint8 through OpenCV; per batch in the consuming process noise "
-        f"and random erasing, after the compact hand-over through shared memory. {args.workers} DataLoader "
+        f"Data: {origin}. Decoding with SAFE_DECODERS (rgb.jpg simplejpeg, parts.png pyspng, vid.png "
+        "OpenCV), full default augmentation, all of it per sample in the workers on uint8: fit + random "
+        "resized crop, background replacement, JPEG re-compression, colour jitter, blur, noise and random "
+        "erasing (each with its probability). Counted: every sample up to the compact batch the loader hands "
+        "the training step (uint8 images and parts, uint16 vid, bool valid: packed in shared memory by the "
+        "workers, copied out by the main process). Not counted: the conversion to float images and long "
+        "labels, which the training step does on its device (`to_device_batch`, after the host->device copy "
+        "of the uint8 "
+        f"batch). {args.workers} DataLoader "
         f"workers, batch {args.batch_size}, {args.batches} batches after 5 warm-up batches, {args.repeats} "
         f"runs per size (median, and the range in brackets). CPU: {platform.machine()}, "
         f"{cores} cores, torch {torch.__version__}; "
@@ -142,21 +155,21 @@ def main() -> None:
         "wall figures). Target: >= 1,500 samples/s.",
         "",
         f"| output size (W x H) | samples/s (wall, {args.workers} workers) | CPU-ms per sample "
-        f"(workers + main) | {cores} cores / CPU-ms | samples per CPU-second "
+        f"(workers + main) | of which main process | {cores} cores / CPU-ms | samples per CPU-second "
         "(1 process) |",
-        "|---|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|",
         *[
             f"| {hw[1]}x{hw[0]} | {spread(sps, '{:.0f}')} | {spread([c * 1e3 for c in cpu], '{:.2f}')} | "
-            f"{cores / med(cpu):.0f} | {one:.0f} |"
-            for hw, sps, cpu, one in rows
+            f"{spread([c * 1e3 for c in main], '{:.3f}')} | {cores / med(cpu):.0f} | {one:.0f} |"
+            for hw, sps, cpu, main, one in rows
         ],
         "",
         "Wall figures depend on what else runs, and on this virtual machine also drift by up to a quarter "
         "between runs minutes apart with nothing else running (the same code measured 1.45-1.96 CPU-ms per "
         "sample in one quarter of an hour). CPU-ms per sample counts every process of the 2-worker run "
-        "(decoding, augmentation, the shared-memory hand-over, the finishing in the main process, and each "
-        "worker's reading of the tar headers of the batches it skips), so cores / CPU-ms estimates what the "
-        "machine reaches with nothing else running (conservatively under load: CPU-ms itself rises when "
+        "(decoding, augmentation, the shared-memory hand-over, the copy out of it in the main process, and "
+        "each worker's reading of the tar headers of the batches it skips), so cores / CPU-ms estimates what "
+        "the machine reaches with nothing else running (conservatively under load: CPU-ms itself rises when "
         "other jobs share the cores and caches).",
     ]
     if not args.no_write:

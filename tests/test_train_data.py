@@ -247,7 +247,7 @@ def test_crop_moves_labels_with_pixels():
 def test_worker_noise_is_the_shifted_field_on_uint8_and_seeded():
     """The loader worker's noise on uint8 is the float definition (`shifted_noise`, std in [0,1] units)
     rounded and saturated; the same parameters give the same pixels, and the input is left alone."""
-    from trainer.augment import PhotoParams, noise_sample, shifted_noise
+    from trainer.augment import PhotoParams, noise_field_hwc, noise_sample, shifted_noise
 
     rgb = np.random.default_rng(3).integers(0, 256, (16, 8, 3), dtype=np.uint8)
     rgb[0, 0] = (0, 255, 128)  # saturation at both ends
@@ -262,6 +262,7 @@ def test_worker_noise_is_the_shifted_field_on_uint8_and_seeded():
     assert np.abs(out - ref).max() <= 1  # float32 rounding at .5 only
     assert np.array_equal(out, noised(12345)) and not np.array_equal(out, noised(9))
     assert noise_sample(rgb, AugParams()) is rgb  # no noise drawn: no pass at all
+    assert noise_field_hwc(3, (16, 8)).flags.c_contiguous  # else every noised sample copies the field
 
 
 def test_erased_pixels_keep_labels_but_are_invalid():
@@ -392,6 +393,8 @@ def test_decoders_give_pillows_pixels_and_refuse_what_the_schema_does_not_allow(
         (_png_bytes(labels), ds.decode_vid, "expected a 16-bit"),
         (_png_bytes(vid), ds.decode_parts, "expected an 8-bit"),
         (_png_bytes(vid)[:-40], ds.decode_vid, "does not decode"),
+        (_png_bytes(labels)[:-40], ds.decode_parts, "does not decode"),
+        (jpeg[:-300] + b"\xff\xd9", ds.decode_rgb, "does not decode"),
     ]:
         with pytest.raises(ds.DatasetFormatError, match=words):
             decode(bad)

@@ -529,7 +529,8 @@ def noise_field_hwc(index: int, hw: tuple[int, int]) -> np.ndarray:
     """`noise_field` as a (H,W,3) float32 array: the layout of the worker's uint8 images."""
     bank = _noise_bank_hwc.get(hw)
     if bank is None:
-        bank = np.stack([noise_field(i, hw).permute(1, 2, 0).numpy() for i in range(NOISE_FIELDS)])
+        fields = torch.stack([noise_field(i, hw) for i in range(NOISE_FIELDS)])  # (N,3,H,W)
+        bank = np.ascontiguousarray(fields.permute(0, 2, 3, 1).numpy())
         _noise_bank_hwc[hw] = bank
     return bank[index % NOISE_FIELDS]
 
