@@ -28,6 +28,12 @@ def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * float(x):.1f}%"
 
 
+def interval(rep: dict) -> str:
+    """' (95% interval a-b)' when the report has Rank-1's Wilson interval."""
+    ci = rep.get("rank1_ci95")
+    return f" (95% interval {100 * ci[0]:.1f}-{100 * ci[1]:.1f}%)" if ci else ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo", default=str(ROOT / "demo"), help="the demo folder")
@@ -51,7 +57,7 @@ def main() -> None:
         "",
         "| shifted test set | value |",
         "|---|---|",
-        f"| **Rank-1** (chance {pct(rep['chance_rank1'])}) | **{pct(rep.get('rank1'))}** |",
+        f"| **Rank-1** (chance {pct(rep['chance_rank1'])}) | **{pct(rep.get('rank1'))}**{interval(rep)} |",
         f"| Rank-5 | {pct(rep.get('rank5'))} |",
         f"| mAP | {pct(rep.get('mAP'))} |",
         f"| verification EER | {pct(v['eer'])} |",
