@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from protoreg import dataset as ds
-from protoreg import parts
+from protoreg import parts, png16
 
 TAR_MTIME = 0  # fixed tar metadata: shards do not depend on when or by whom they were written
 TAR_USER = "protoreg"
@@ -57,15 +57,9 @@ def encode_png8(labels: np.ndarray, compress_level: int) -> bytes:
 
 
 def encode_png16(values: np.ndarray, compress_level: int) -> bytes:
-    """(H, W) integers 0..65535 -> 16-bit greyscale PNG bytes."""
-    arr = np.asarray(values)
-    if arr.size and (arr.min() < 0 or arr.max() > 65535):
-        raise ValueError(f"16-bit PNG values must lie in 0..65535, got {arr.min()}..{arr.max()}")
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint16)).save(
-        buf, format="PNG", compress_level=int(compress_level)
-    )
-    return buf.getvalue()
+    """(H, W) integers 0..65535 -> 16-bit greyscale PNG bytes, written unfiltered (protoreg.png16): any
+    PNG reader opens them, and the training loader reads them with zlib alone."""
+    return png16.encode_unfiltered(values, compress_level)
 
 
 def encode_depth(depth: np.ndarray, compress_level: int) -> bytes:

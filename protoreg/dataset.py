@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from protoreg import png16
+
 FORMAT_VERSION = "1.0"  # major.minor: readers refuse a newer major, read older minors
 SHARD_NAME = "shard-{:06d}.tar"
 MANIFEST_NAME = "manifest.json"
@@ -128,7 +130,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 # cost, which matters because the training loader decodes three images per sample. Only JPEG and PNG
 # payloads with the right signature, a sane size and (for PNG) the schema's bit depth ever reach it, so
 # OpenCV's other codecs are never used on shard bytes.
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = png16.PNG_SIGNATURE
 MAX_IMAGE_PIXELS = 1 << 26  # far above any render; a header claiming more is refused before decoding
 _PNG_GREY, _PNG_PALETTE = 0, 3  # PNG colour types
 
@@ -239,7 +241,12 @@ def decode_vid_values(data: bytes) -> np.ndarray:
         raise DatasetFormatError(
             f"vid.png: expected a 16-bit single-channel PNG, got bit depth {depth}, colour type {colour}"
         )
-    values = _cv2_decode(data, opencv().IMREAD_UNCHANGED, "vid.png")
+    try:
+        values = png16.decode_unfiltered(data)  # how gen-shards writes it: zlib and a byte swap
+    except png16.PngError as e:
+        raise DatasetFormatError(f"vid.png: corrupt image data (does not decode: {e})") from None
+    if values is None:  # written by another PNG encoder (filtered rows): libpng
+        values = _cv2_decode(data, opencv().IMREAD_UNCHANGED, "vid.png")
     if values.shape != (h, w) or values.dtype != np.uint16:
         raise DatasetFormatError(f"vid.png: decoded to {values.shape} {values.dtype}, expected {(h, w)}")
     return values
