@@ -81,7 +81,9 @@ def decode_unfiltered(data: bytes) -> np.ndarray | None:
         raise PngError(f"pixel data does not inflate ({e})") from None
     if len(raw) != h * (1 + 2 * w):
         raise PngError(f"pixel data holds {len(raw)} bytes, a {w}x{h} 16-bit image needs {h * (1 + 2 * w)}")
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(h, 1 + 2 * w)
-    if rows[:, 0].any():
+    stride = 1 + 2 * w
+    if np.frombuffer(raw, dtype=np.uint8)[::stride].any():
         return None  # some row is filtered: not ours to read
-    return rows[:, 1:].copy().view(">u2").astype(np.uint16)
+    # the big-endian pixels behind each row's filter byte, as a strided view; one copy swaps them to native
+    pixels = np.ndarray((h, w), dtype=">u2", buffer=raw, offset=1, strides=(stride, 2))
+    return pixels.astype(np.uint16)
