@@ -139,8 +139,9 @@ def main() -> None:
     text = [
         "## Loader throughput (`bench/loader_throughput.py`)",
         "",
-        f"Data: {origin}. Decoding with SAFE_DECODERS (rgb.jpg simplejpeg, parts.png pyspng, vid.png "
-        "OpenCV), full default augmentation, all of it per sample in the workers on uint8: fit + random "
+        f"Data: {origin}. Decoding with SAFE_DECODERS (rgb.jpg simplejpeg, parts.png pyspng, vid.png zlib "
+        "when its rows are unfiltered as gen-shards writes them, else OpenCV), full default augmentation, "
+        "all of it per sample in the workers on uint8: fit + random "
         "resized crop, background replacement, JPEG re-compression, colour jitter, blur, noise and random "
         "erasing (each with its probability). Counted: every sample up to the compact batch the loader hands "
         "the training step (uint8 images and parts, uint16 vid, bool valid: packed in shared memory by the "
