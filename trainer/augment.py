@@ -406,17 +406,8 @@ def noise_batch(images: torch.Tensor, params: list[AugParams]) -> torch.Tensor:
     for i, p in enumerate(params):
         if p.photo.noise_std > 0:
             add_shifted_noise(x[i], p.photo.noise_seed, np.float32(p.photo.noise_std))
-            clip_unit(x[i])
+            np.clip(x[i], 0, 1, out=x[i])
     return images
-
-
-def clip_unit(image: np.ndarray) -> None:
-    """Clip a C-contiguous float32 image to [0, 1] in place: two OpenCV thresholds (truncate above 1, zero
-    below 0) give np.clip's values at a third of its cost."""
-    cv2 = opencv()
-    flat = image.reshape(1, -1)  # a view (contiguous), so dst= writes into the image
-    cv2.threshold(flat, 1.0, 1.0, cv2.THRESH_TRUNC, dst=flat)
-    cv2.threshold(flat, 0.0, 0.0, cv2.THRESH_TOZERO, dst=flat)
 
 
 def add_shifted_noise(image: np.ndarray, seed: int, std: np.float32) -> None:
