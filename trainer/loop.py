@@ -224,6 +224,8 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> None:
     axes[2].set_xlabel("step")
     if axes[2].lines:
         axes[2].legend()
+    else:  # say why the panel is empty rather than leave blank axes
+        axes[2].text(0.5, 0.5, "no validation set\n(train with --val SPEC)", ha="center", va="center")
     fig.tight_layout()
     tmp = out_png.with_name(out_png.stem + ".tmp.png")
     fig.savefig(tmp, dpi=90)
