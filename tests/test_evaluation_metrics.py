@@ -8,6 +8,7 @@ import pytest
 from trainer.evaluation import (
     SIM_BINS,
     QueryResult,
+    answer_outcome,
     calibrate,
     cmc_curve,
     confusion_matrix,
@@ -28,6 +29,7 @@ from trainer.recognition import (
     PixelFeatures,
     Recognition,
     correspondence_from_matches,
+    decide,
 )
 
 
@@ -217,3 +219,13 @@ def test_wilson_interval_of_rank1_matches_the_textbook_values():
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775328), abs=1e-6)
     assert wilson_interval(10, 10) == pytest.approx((0.7224672, 1.0), abs=1e-6)
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_example_outcome_names_what_was_answered_not_who_ranked_first():
+    names = ["ann", "bob"]
+    accepted = decide(names, [0.6, 0.2], unknown_threshold=0.3)
+    rejected = decide(names, [0.25, 0.2], unknown_threshold=0.3)
+    assert answer_outcome(accepted, "ann") == "correct"
+    assert answer_outcome(accepted, "bob") == "wrong"
+    # ann ranks first but under U: the system said "unknown", so the example is not filed as correct
+    assert rejected.best == "ann" and answer_outcome(rejected, "ann") == "unknown"

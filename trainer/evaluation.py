@@ -23,6 +23,7 @@ import numpy as np
 
 from protoreg.parts import BODY_PART_IDS, NUM_LABELS, PART_NAMES
 from trainer.recognition import (
+    UNKNOWN,
     Decision,
     Gallery,
     PixelFeatures,
@@ -319,7 +320,7 @@ class Evaluator:
     vertex_positions: dict[int, np.ndarray] = field(default_factory=dict)  # gallery row -> (V, 3) rest mesh
     batch_size: int = 16
     keep_examples: int = 8
-    examples: list[tuple[np.ndarray, Recognition, int]] = field(default_factory=list)
+    examples: list[tuple[np.ndarray, Recognition, str]] = field(default_factory=list)
 
     def row_of_sample(self, meta: dict[str, Any], identity_id: int) -> int:
         ident = meta.get("identity") if isinstance(meta, dict) else None
@@ -391,12 +392,12 @@ class Evaluator:
         return q
 
     def _maybe_keep_example(self, s, px, box, regs, decision, true_row) -> None:  # noqa: ANN001
-        """Keep the first few correct and wrong answers (with their registrations) for the report."""
-        if true_row < 0:
+        """Keep the first few answers of each outcome (with their registrations) for the report."""
+        if true_row < 0 or len(self.examples) >= self.keep_examples:
             return
-        correct = decision.ranking[0] == true_row
-        have = sum(1 for _, _, ok in self.examples if ok == int(correct))
-        if have >= self.keep_examples // 2:
+        outcome = answer_outcome(decision, self.gallery.names[true_row])
+        have = sum(1 for _, _, o in self.examples if o == outcome)
+        if have >= -(-self.keep_examples // len(OUTCOMES)):  # an equal share, rounded up
             return
         top = decision.ranking[0]
         rec = Recognition(
@@ -408,7 +409,19 @@ class Evaluator:
             box=box,
             similarity_threshold=self.similarity_threshold,
         )
-        self.examples.append((s["rgb"], rec, int(correct)))
+        self.examples.append((s["rgb"], rec, outcome))
+
+
+OUTCOMES = ("correct", "wrong", "unknown")
+
+
+def answer_outcome(decision: Decision, truth: str) -> str:
+    """What the system answered, as the example files are named: the right person ("correct"), someone
+    else ("wrong"), or nobody ("unknown": the top rate fell under the open-set threshold, whoever ranked
+    first)."""
+    if decision.identity == UNKNOWN:
+        return "unknown"
+    return "correct" if decision.identity == truth else "wrong"
 
 
 def _labels_at_input(labels: np.ndarray, box: Any, size: tuple[int, int]) -> np.ndarray:
@@ -704,7 +717,7 @@ def write_report(
     summary: dict[str, Any],
     results: Sequence[QueryResult],
     gallery: Gallery,
-    examples: Sequence[tuple[np.ndarray, Recognition, int]] = (),
+    examples: Sequence[tuple[np.ndarray, Recognition, str]] = (),
     title: str = "Evaluation report",
 ) -> tuple[Path, Path]:
     """report.json, report.md and the figures (and example explanations) into `out`."""
@@ -714,8 +727,8 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     figs = write_figures(out, summary, results, gallery)
     ex_names = []
-    for i, (rgb, rec, ok) in enumerate(examples):
-        name = f"example-{i:02d}-{'correct' if ok else 'wrong'}.png"
+    for i, (rgb, rec, outcome) in enumerate(examples):
+        name = f"example-{i:02d}-{outcome}.png"
         save_explanation(out / name, rgb, rec, justification(rec))
         ex_names.append(name)
     summary = {**summary, "figures": figs, "examples": ex_names}

@@ -518,7 +518,7 @@ def rest_vertices_for(gallery: Gallery, source: Any) -> dict[int, np.ndarray]:
     type=click.IntRange(0),
     default=6,
     show_default=True,
-    help="Explanation pictures of correct and wrong answers in the report.",
+    help="Explanation pictures in the report, shared between correct, wrong and unknown answers.",
 )
 @click.option("--title", default="Evaluation report", show_default=True, help="Title of report.md.")
 @_errors
