@@ -40,18 +40,18 @@ class DemoConfig:
     n_test: int = 200
     resolution: str = "64x128"  # the model's input size: rendering bigger would only be downscaled
     samples: int = 16  # Cycles samples per pixel
-    shard_size: int = 250
+    shard_size: int = 250  # at most; smaller sets are cut so that every worker gets a shard
     workers: int = 2
     steps: int = 1200
     batch_size: int = 16
 
 
-def _cli(*args: str) -> list[str]:
+def protoreg_command(*args: str) -> list[str]:
     """Run a `protoreg` subcommand with this interpreter (works without the console scripts on PATH)."""
     return [sys.executable, "-c", "import sys; from protoreg.cli import main; sys.exit(main())", *args]
 
 
-def _run(cmd: list[str], what: str) -> None:
+def run_step(cmd: list[str], what: str) -> None:
     click.echo(f"\n== {what}\n$ protoreg {' '.join(cmd[3:])}", err=True)
     proc = subprocess.run(cmd, cwd=ROOT)
     if proc.returncode != 0:
@@ -103,13 +103,19 @@ def dataset_complete(folder: Path, n: int) -> bool:
         return False
 
 
+def shard_size_for(n: int, cfg: DemoConfig) -> int:
+    """At most cfg.shard_size, and small enough that every worker gets a shard (workers take whole shards:
+    one 200-image shard would leave the second core idle)."""
+    return max(1, min(cfg.shard_size, -(-n // max(1, cfg.workers))))
+
+
 def generate(out: Path, cfg: DemoConfig, name: str, n: int, seed: int, config: str) -> bool:
     """gen-shards (it resumes by itself and keeps verified shards), then the contact sheet."""
     folder = out / name
     if dataset_complete(folder, n) and (folder / "contact-sheet.png").exists():
         return True
-    _run(
-        _cli(
+    run_step(
+        protoreg_command(
             "gen-shards",
             "--identities",
             str(out / "identities.jsonl"),
@@ -126,13 +132,13 @@ def generate(out: Path, cfg: DemoConfig, name: str, n: int, seed: int, config: s
             "--samples",
             str(cfg.samples),
             "--shard-size",
-            str(cfg.shard_size),
+            str(shard_size_for(n, cfg)),
             "--config",
             str(CONFIGS / config),
         ),
         f"generate {name} set ({n} images, {config})",
     )
-    _run(_cli("inspect", str(folder), "--n", "16"), f"contact sheet of the {name} set")
+    run_step(protoreg_command("inspect", str(folder), "--n", "16"), f"contact sheet of the {name} set")
     return False
 
 
@@ -160,7 +166,7 @@ def train(out: Path, cfg: DemoConfig) -> bool:
     step = checkpoint_step(ckpt)
     if step >= cfg.steps:
         return True
-    cmd = _cli(
+    cmd = protoreg_command(
         "train-from-shards",
         "--shards",
         str(out / "train"),
@@ -175,7 +181,7 @@ def train(out: Path, cfg: DemoConfig) -> bool:
     )
     if step >= 0:
         cmd.append("--resume")
-    _run(cmd, f"train ({cfg.steps} steps, batch {cfg.batch_size})")
+    run_step(cmd, f"train ({cfg.steps} steps, batch {cfg.batch_size})")
     return False
 
 
@@ -190,8 +196,8 @@ def enroll(out: Path, cfg: DemoConfig) -> bool:
 
         if load_gallery(gallery).calibrated:
             return True
-    _run(
-        _cli(
+    run_step(
+        protoreg_command(
             "enroll",
             "--checkpoint",
             str(ckpt),
@@ -211,8 +217,8 @@ def evaluate(out: Path, cfg: DemoConfig) -> bool:
     report = out / "report" / "report.json"
     if _newer(report, out / "gallery.h5"):
         return True
-    _run(
-        _cli(
+    run_step(
+        protoreg_command(
             "evaluate",
             "--checkpoint",
             str(out / "run" / "checkpoint-last.pt"),
@@ -243,8 +249,8 @@ def recognize_photo(out: Path, cfg: DemoConfig) -> bool:
         return True
     photo = out / "astronaut.png"
     Image.fromarray(data.astronaut()).save(photo)
-    _run(
-        _cli(
+    run_step(
+        protoreg_command(
             "recognize",
             "--checkpoint",
             str(out / "run" / "checkpoint-last.pt"),
