@@ -135,6 +135,8 @@ def render(rows: list, args: argparse.Namespace, demo_cfg: DemoConfig) -> str:
     for name, keys, rep in rows:
         lo, hi = rep.get("rank1_ci95", [0, 0])
         shown = ", ".join(k.split(".", 1)[1] for k in keys) if keys else "-"
+        if name == "all":
+            shown = "all of the above"
         lines.append(
             f"| {name} | {shown} | {100 * rep['rank1']:.0f}% ({100 * lo:.0f}-{100 * hi:.0f}%) | "
             f"{100 * rep['segmentation']['mean_iou_body']:.1f}% |"
