@@ -147,12 +147,10 @@ def checkpoint_step(path: Path) -> int:
     architecture (the model code changed) is moved aside so the demo trains afresh."""
     if not path.exists():
         return -1
-    from trainer.checkpoint import CheckpointError, load_checkpoint, load_model
+    from trainer.checkpoint import CheckpointError, load_model
 
     try:
-        step = int(load_checkpoint(path)["step"])
-        load_model(path)
-        return step
+        return int(load_model(path)[1]["step"])  # the model is built too: an older architecture fails here
     except (CheckpointError, RuntimeError, KeyError):
         stale = path.parent.with_name(f"{path.parent.name}-stale-{int(time.time())}")
         path.parent.rename(stale)
