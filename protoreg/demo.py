@@ -109,9 +109,52 @@ def shard_size_for(n: int, cfg: DemoConfig) -> int:
     return max(1, min(cfg.shard_size, -(-n // max(1, cfg.workers))))
 
 
+def move_aside(folder: Path, why: str) -> Path:
+    """Rename an outdated output folder (kept, never deleted) so the step runs afresh."""
+    stale = folder.with_name(f"{folder.name}-stale-{int(time.time())}")
+    folder.rename(stale)
+    click.echo(f"== {folder} {why}: moved to {stale}", err=True)
+    return stale
+
+
+def requested_fingerprint(out: Path, cfg: DemoConfig, name: str, n: int, seed: int, config: str) -> dict:
+    """The fingerprint gen-shards records for this set: what tells a reusable folder from one made with other
+    settings (an edited configs/*.yaml, another --n-train)."""
+    from generator.config import load_config
+    from generator.pipeline import GenRequest, resolve_inputs
+
+    gen = load_config(CONFIGS / config)
+    gen.render.width, gen.render.height = (int(v) for v in cfg.resolution.lower().split("x"))
+    gen.render.samples = cfg.samples
+    request = GenRequest(
+        out_dir=out / name,
+        n=n,
+        identities=str(out / "identities.jsonl"),
+        seed=seed,
+        workers=cfg.workers,
+        shard_size=shard_size_for(n, cfg),
+        config=gen,
+    )
+    return resolve_inputs(request)[2]
+
+
+def set_aside_if_made_otherwise(folder: Path, wanted: dict) -> None:
+    """Move a set made with other settings out of the way (kept, not deleted) so it is generated afresh;
+    gen-shards itself would refuse the folder, and a complete one would be silently reused."""
+    from generator.write import existing_fingerprint, fingerprint_differences
+
+    stored = existing_fingerprint(folder) if folder.is_dir() else None
+    if stored is None:
+        return
+    differ = fingerprint_differences(stored, wanted)
+    if differ:
+        move_aside(folder, f"was made with other settings ({', '.join(differ)})")
+
+
 def generate(out: Path, cfg: DemoConfig, name: str, n: int, seed: int, config: str) -> bool:
     """gen-shards (it resumes by itself and keeps verified shards), then the contact sheet."""
     folder = out / name
+    set_aside_if_made_otherwise(folder, requested_fingerprint(out, cfg, name, n, seed, config))
     if dataset_complete(folder, n) and (folder / "contact-sheet.png").exists():
         return True
     run_step(
@@ -152,9 +195,7 @@ def checkpoint_step(path: Path) -> int:
     try:
         return int(load_model(path)[1]["step"])  # the model is built too: an older architecture fails here
     except (CheckpointError, RuntimeError, KeyError):
-        stale = path.parent.with_name(f"{path.parent.name}-stale-{int(time.time())}")
-        path.parent.rename(stale)
-        click.echo(f"== {path} cannot be loaded by this code: moved to {stale}, training afresh", err=True)
+        move_aside(path.parent, f"holds {path.name}, which this code cannot load; training afresh")
         return -1
 
 

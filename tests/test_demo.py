@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from protoreg.demo import DemoConfig, shard_size_for
+import json
+
+from protoreg.demo import (
+    DemoConfig,
+    requested_fingerprint,
+    set_aside_if_made_otherwise,
+    shard_size_for,
+    write_identities,
+)
 
 
 def test_every_render_worker_gets_a_shard_of_each_demo_set():
@@ -13,3 +21,25 @@ def test_every_render_worker_gets_a_shard_of_each_demo_set():
     assert shard_size_for(1, cfg) == 1
     cfg.workers = 3
     assert shard_size_for(200, cfg) == 67  # ceil(200 / 3): three shards
+
+
+def _fake_set(folder, fingerprint) -> None:
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"fingerprint": fingerprint}))
+
+
+def test_a_set_made_with_other_settings_is_moved_aside_and_kept(tmp_path):
+    cfg = DemoConfig()
+    write_identities(tmp_path, cfg)
+    wanted = requested_fingerprint(tmp_path, cfg, "val", cfg.n_val, 2, "demo-train.yaml")
+    assert wanted["n"] == cfg.n_val and wanted["config"]["render"]["width"] == 64
+
+    _fake_set(tmp_path / "val", wanted)
+    set_aside_if_made_otherwise(tmp_path / "val", wanted)
+    assert (tmp_path / "val" / "manifest.json").exists()  # same settings: reused
+
+    shifted = requested_fingerprint(tmp_path, cfg, "val", cfg.n_val, 2, "demo-shifted-test.yaml")
+    set_aside_if_made_otherwise(tmp_path / "val", shifted)
+    assert not (tmp_path / "val").exists()
+    (stale,) = tmp_path.glob("val-stale-*")
+    assert json.loads((stale / "manifest.json").read_text())["fingerprint"] == wanted  # kept, not deleted
