@@ -572,7 +572,11 @@ def write_figures(
                             fontsize=5,
                             color="white" if norm[i, j] > 0.5 else "black",
                         )
-        ax.set(xlabel="predicted identity", ylabel="true identity", title="confusion (row-normalised)")
+        ax.set(
+            xlabel="predicted identity",
+            ylabel="true identity",
+            title="confusion: colour = share of the row, numbers = images",
+        )
         fig.colorbar(im, ax=ax, fraction=0.046)
         figs["confusion"] = _save(fig, out / "confusion.png")
 
