@@ -82,6 +82,7 @@ def test_a_few_cpu_steps_lower_the_loss(data, tmp_path):
     assert last < 0.85 * first, (first, last)
     for key in ("contrast", "dense", "seg", "lr", "samples_per_s"):
         assert all(r[key] != "" for r in rows)
+    assert all(float(r["grad_norm"]) > 0 for r in rows)  # before clipping: not capped at optim.grad_clip
     assert rows[-1]["val_miou"] != "" and 0 <= float(rows[-1]["val_rank1"]) <= 1
     assert (run / "curves.png").stat().st_size > 1000
     assert (run / "config.yaml").exists() and any((run / "tensorboard").iterdir())

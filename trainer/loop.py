@@ -44,14 +44,12 @@ from trainer.data import (
 from trainer.losses import registration_losses
 from trainer.models import RegistrationNet, count_parameters, knn_graph
 
+LOSS_TERMS = ("loss", "contrast", "identity", "dense", "seg")
 METRIC_FIELDS = [
     "step",
-    "loss",
-    "contrast",
-    "identity",
-    "dense",
-    "seg",
+    *LOSS_TERMS,
     "lr",
+    "grad_norm",
     "temperature",
     "samples_per_s",
     "skipped",
@@ -208,7 +206,7 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> None:
         return [p[0] for p in pts], [p[1] for p in pts]
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for key in ("loss", "contrast", "identity", "dense", "seg"):
+    for key in LOSS_TERMS:
         axes[0].plot(*series(key), label=key)
     axes[0].set_title("training losses")
     axes[0].set_xlabel("step")
@@ -366,8 +364,8 @@ def train(
             )
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)  # the norm before clipping
             optimizer.step()
             scheduler.step()
             step += 1
@@ -380,11 +378,9 @@ def train(
                 now = time.perf_counter()
                 row = {
                     "step": step,
-                    **{
-                        k: round(float(terms[k].detach()), 6)
-                        for k in ("loss", "contrast", "identity", "dense", "seg")
-                    },
+                    **{k: round(float(terms[k].detach()), 6) for k in LOSS_TERMS},
                     "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": round(float(grad_norm), 4),
                     "temperature": round(float(model.temperature.detach()), 6),
                     "samples_per_s": round(window_n * dist.world / max(now - window_t, 1e-9), 2),
                     "skipped": skipped_total,
