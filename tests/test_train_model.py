@@ -23,7 +23,15 @@ from trainer.losses import (
     similarity_logits,
     target_points,
 )
-from trainer.models import ImageFeatures, RegistrationNet, count_parameters, knn_graph, neighbour_mean
+from trainer.models import (
+    AnchorReadout,
+    ImageFeatures,
+    RegistrationNet,
+    count_parameters,
+    farthest_points,
+    knn_graph,
+    neighbour_mean,
+)
 from trainer.validation import correspondence_scores, miou
 
 TINY = ModelConfig(
@@ -163,6 +171,38 @@ def test_correspondence_scores_and_miou_on_known_cases():
     assert miou(conf) == pytest.approx((1 + 3 / 4 + 0) / 3)
 
 
+def test_farthest_points_spread_out_from_point_zero():
+    line = torch.tensor([[float(x), 0.0, 0.0] for x in range(11)])
+    assert farthest_points(line, 3).tolist() == [0, 10, 5]
+    assert farthest_points(line, 50).shape == (11,)
+
+
+def _body(girth: float = 1.0, hair: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A toy 'body': a vertical cylinder of radius 0.15 m * girth, with `hair` albedo on its top ring."""
+    z = torch.linspace(0, 1.7, 18).repeat_interleave(24)
+    angle = torch.linspace(0, 2 * torch.pi, 25)[:-1].repeat(18)
+    r = 0.15 * girth
+    xyz = torch.stack([r * angle.cos(), r * angle.sin(), z], dim=1)
+    albedo = torch.full_like(xyz, 0.5)
+    albedo[z > 1.65] = hair
+    return xyz, albedo
+
+
+def test_anchor_readout_sees_girth_and_hair_colour_and_any_point_count():
+    torch.manual_seed(0)
+    readout = AnchorReadout(16, 0.04, 8).eval()
+    base, base_albedo = _body()
+    readout.set_anchors(base)
+    assert readout.anchors.abs().sum() > 0 and readout.anchors[0].tolist() == base[0].tolist()
+    with torch.no_grad():
+        ref = readout(base[None], base_albedo[None])
+        wider = readout(_body(girth=1.1)[0][None], base_albedo[None])
+        blond = readout(base[None], _body(hair=0.8)[1][None])
+        assert not torch.allclose(wider, ref, atol=1e-3) and not torch.allclose(blond, ref, atol=1e-3)
+        assert torch.allclose(readout(base[None], base_albedo[None]), ref)  # a function of the points
+        assert readout(base[None, ::2], base_albedo[None, ::2]).shape == (1, 8)  # any N
+
+
 def test_checkpoint_roundtrip_with_weights_only_and_refusals(tmp_path):
     cfg = TrainConfig(model=TINY)
     model = RegistrationNet(TINY)
@@ -174,6 +214,10 @@ def test_checkpoint_roundtrip_with_weights_only_and_refusals(tmp_path):
     model.set_point_graph(knn_graph(torch.randn(40, 3), 5))
     loaded2, _ = load_model(save_checkpoint(tmp_path / "g.pt", model, cfg, step=8))
     assert torch.equal(loaded2.point_graph, model.point_graph)
+    model.set_anchors(torch.randn(40, 3))
+    loaded3, _ = load_model(save_checkpoint(tmp_path / "a.pt", model, cfg, step=9))
+    anchors = model.point_encoder.anchors.anchors
+    assert anchors.abs().sum() > 0 and torch.equal(loaded3.point_encoder.anchors.anchors, anchors)
     x = torch.rand(1, 3, 32, 16)
     assert torch.allclose(loaded.encode_image(x).embeddings, model.eval().encode_image(x).embeddings)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")

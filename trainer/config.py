@@ -35,6 +35,11 @@ class ModelConfig:
     decoder_width: int = 32  # channels of the stride-4 decoder
     point_widths: tuple[int, ...] = (32, 64, 64)  # edge-conv layer widths of the point encoder
     point_global: int = 128  # width of the point set's global (identity-level) descriptor
+    # Anchor readout of the who-half: K fixed places on the body (farthest-point samples of the training
+    # prototypes' mean), each pooling its nearby points' offset from it (girth, length) and their albedo
+    # (hair on the scalp, skin on the hands). 0 turns it off.
+    shape_anchors: int = 64
+    anchor_sigma: float = 0.04  # metres: the Gaussian reach of an anchor's pooling
     knn: int = 12  # neighbours per point in the static graph
     use_normals: bool = True  # feed point normals to the point encoder
     use_albedo: bool = True  # feed point albedo (skin / hair colour) to the point encoder

@@ -280,6 +280,7 @@ def train(
 
     model = RegistrationNet(cfg.model).to(device)
     model.set_point_graph(knn_graph(bank.points.mean(dim=0), cfg.model.knn))
+    model.set_anchors(bank.points.mean(dim=0))  # a resumed run gets the stored anchors back with the weights
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     step = 0
