@@ -24,7 +24,6 @@ import multiprocessing
 import os
 import platform
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.sections import write_section  # noqa: E402
 from protoreg.parts import NUM_BODY_PARTS, NUM_LABELS, PART_NAMES  # noqa: E402
+from trainer.evaluation import confusion_matrix, part_metrics  # noqa: E402
 
 SECTION = "identity_signal"
 INPUTS = {
@@ -121,7 +121,7 @@ def small_cnn(channels: int, classes: int) -> nn.Module:
 SETS: dict[str, SetTensors] = {}  # filled before the worker processes fork, so no set is pickled
 
 
-def train_and_test(job: tuple[str, int]) -> tuple[str, dict[str, float], float]:
+def train_and_test(job: tuple[str, int]) -> tuple[str, dict[str, float]]:
     """Train on SETS['train'] (batch 32, +-4 px translation jitter), accuracy on every other set."""
     kind, steps = job
     sets = SETS
@@ -132,7 +132,6 @@ def train_and_test(job: tuple[str, int]) -> tuple[str, dict[str, float], float]:
     opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
     for _ in range(steps):
         idx = torch.randint(len(y), (32,), generator=gen)
         dy, dx = torch.randint(-4, 5, (2,), generator=gen).tolist()
@@ -148,19 +147,16 @@ def train_and_test(job: tuple[str, int]) -> tuple[str, dict[str, float], float]:
             if name != "train":
                 pred = torch.cat([net(b).argmax(1) for b in classifier_input(data, kind).split(256)])
                 acc[name] = float((pred == data.identity).float().mean())
-    return kind, acc, time.perf_counter() - start
+    return kind, acc
 
 
-def part_iou(data: SetTensors) -> tuple[float, np.ndarray]:
-    """Body-vs-rest IoU and per-label IoU of the model's argmax segmentation."""
+def part_iou(data: SetTensors) -> tuple[float, dict[str, float | None]]:
+    """Body-vs-rest IoU and each part's IoU (the evaluation's part_metrics; None where a part is absent)."""
     pred, true = data.predicted.argmax(dim=1), data.labels
     body_p, body_t = (pred >= 1) & (pred <= NUM_BODY_PARTS), (true >= 1) & (true <= NUM_BODY_PARTS)
     body = float((body_p & body_t).sum() / (body_p | body_t).sum().clamp_min(1))
-    per = [
-        float(((pred == c) & (true == c)).sum() / ((pred == c) | (true == c)).sum().clamp_min(1))
-        for c in range(NUM_LABELS)
-    ]
-    return body, np.array(per)
+    conf = confusion_matrix(true.flatten().numpy(), pred.flatten().numpy(), NUM_LABELS)
+    return body, {name: m["iou"] for name, m in part_metrics(conf)["per_part"].items()}
 
 
 def main() -> None:
@@ -196,7 +192,7 @@ def render(results: list, sets: dict[str, SetTensors], report: dict, args: argpa
         "| input | what the classifier sees | validation | shifted test |",
         "|---|---|---:|---:|",
     ]
-    for kind, acc, _ in results:
+    for kind, acc in results:
         lines.append(f"| {kind} | {INPUTS[kind]} | {100 * acc['val']:.1f}% | {100 * acc['test']:.1f}% |")
     lines.append(
         f"| (the demo model) | registration, correspondence rate | - | {100 * report.get('rank1', 0):.1f}% |"
@@ -206,7 +202,8 @@ def render(results: list, sets: dict[str, SetTensors], report: dict, args: argpa
     lines += ["|---|---:|" + "---:|" * NUM_BODY_PARTS]
     for name in ("val", "test"):
         body, per = part_iou(sets[name])
-        cells = " | ".join(f"{100 * v:.0f}" for v in per[1 : NUM_BODY_PARTS + 1])
+        ious = (per[part] for part in PART_NAMES[1 : NUM_BODY_PARTS + 1])
+        cells = " | ".join("-" if v is None else f"{100 * v:.0f}" for v in ious)
         lines.append(f"| {name} | {100 * body:.0f}% | {cells} |")
     return "\n".join(lines)
 
