@@ -279,8 +279,9 @@ def train(
         save_config(cfg, out / "config.yaml")
 
     model = RegistrationNet(cfg.model).to(device)
-    model.set_point_graph(knn_graph(bank.points.mean(dim=0), cfg.model.knn))
-    model.set_anchors(bank.points.mean(dim=0))  # a resumed run gets the stored anchors back with the weights
+    mean_prototype = bank.points.mean(dim=0)  # one topology: the graph and the anchors are set on its mean
+    model.set_point_graph(knn_graph(mean_prototype, cfg.model.knn))
+    model.set_anchors(mean_prototype)  # a resumed run gets the stored anchors back with the weights
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     step = 0
