@@ -8,10 +8,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from protoreg import dataset as ds
+
+if TYPE_CHECKING:
+    from generator.config import GenConfig
 
 DEFAULT_OUT = "shards/default"
 
@@ -19,6 +23,26 @@ DEFAULT_OUT = "shards/default"
 def default_workers() -> int:
     """One worker per core (one Cycles thread each): on 2 cores, 2 workers."""
     return max(1, os.cpu_count() or 1)
+
+
+def config_with_flags(
+    config_file: Path | str | None,
+    resolution: tuple[int, int] | None = None,
+    samples: int | None = None,
+    poses: str | None = None,
+) -> GenConfig:
+    """The generator configuration gen-shards renders with: the YAML file, then the render flags over it.
+    Raises ConfigError on a bad file. The demo uses it too, to know what a set folder should hold."""
+    from generator.config import load_config
+
+    config = load_config(config_file)
+    if resolution is not None:
+        config.render.width, config.render.height = resolution
+    if samples is not None:
+        config.render.samples = samples
+    if poses is not None:
+        config.pose.poses_glob = poses  # the pose prior mixes these files in; part of the stored config
+    return config
 
 
 class Resolution(click.ParamType):
@@ -207,20 +231,14 @@ def gen_shards(
     Writes OUT/shard-000000.tar ..., manifest.json, prototypes.h5 and wids-index.json
     (format: docs/dataset-format.md). Interrupted runs resume when re-run with the same command.
     """
-    from generator.config import ConfigError, load_config
+    from generator.config import ConfigError
     from generator.pipeline import GenerationError, GenRequest
     from generator.scaleout import ScaleOptions, command_without_task_flags, resolve_task, run_generation
 
     try:
-        config = load_config(config_file)
+        config = config_with_flags(config_file, resolution, samples, poses)
     except ConfigError as e:
         _fail(str(e))
-    if resolution is not None:
-        config.render.width, config.render.height = resolution
-    if samples is not None:
-        config.render.samples = samples
-    if poses is not None:
-        config.pose.poses_glob = poses  # the pose prior mixes these files in; part of the stored config
     request = GenRequest(
         out_dir=out,
         n=n,

@@ -120,12 +120,10 @@ def move_aside(folder: Path, why: str) -> Path:
 def requested_fingerprint(out: Path, cfg: DemoConfig, name: str, n: int, seed: int, config: str) -> dict:
     """The fingerprint gen-shards records for this set: what tells a reusable folder from one made with other
     settings (an edited configs/*.yaml, another --n-train)."""
-    from generator.config import load_config
+    from generator.cli import Resolution, config_with_flags
     from generator.pipeline import GenRequest, resolve_inputs
 
-    gen = load_config(CONFIGS / config)
-    gen.render.width, gen.render.height = (int(v) for v in cfg.resolution.lower().split("x"))
-    gen.render.samples = cfg.samples
+    gen = config_with_flags(CONFIGS / config, Resolution().convert(cfg.resolution, None, None), cfg.samples)
     request = GenRequest(
         out_dir=out / name,
         n=n,
