@@ -20,7 +20,9 @@ from trainer.losses import (
     dense_loss,
     identity_loss,
     sample_pixels,
+    segmentation_loss,
     similarity_logits,
+    spread_loss,
     target_points,
 )
 from trainer.models import (
@@ -125,6 +127,34 @@ def test_identity_loss_compares_only_the_pixels_part_across_identities():
     assert torch.allclose(identity_loss(logits, pix, torch.tensor([0]), parts), expected)
     one = similarity_logits(pix, eye[:1], torch.tensor(0.5))
     assert float(identity_loss(one, pix, torch.tensor([0]), parts)) == 0.0
+
+
+def test_spread_loss_is_lowest_for_prototypes_far_apart_on_the_sphere():
+    def sets(who: torch.Tensor) -> torch.Tensor:  # (P, 2 points, 2 where + 2 who dims)
+        where = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).expand(who.shape[0], 2, 2)
+        return torch.cat([where, who[:, None, :].expand(-1, 2, -1)], dim=-1)
+
+    apart = sets(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+    close = sets(torch.tensor([[1.0, 0.0], [0.8, 0.6]]))
+    # pairs of unit vectors: |w_i - w_j|^2 = 2 - 2 cos, loss = log mean exp(-2 |.|^2)
+    assert torch.allclose(spread_loss(apart, 2), torch.tensor(-8.0))
+    assert torch.allclose(spread_loss(close, 2), torch.tensor(-2 * 0.4))
+    assert float(spread_loss(apart[:1], 2)) == 0.0 and float(spread_loss(apart, 0)) == 0.0
+
+
+def test_balanced_segmentation_loss_weighs_a_rare_part_like_a_common_one():
+    parts = torch.zeros(1, 4, 4, dtype=torch.long)
+    parts[0, 0, 0] = 8  # one hand pixel among 15 background pixels
+    logits = torch.zeros(1, 16, 4, 4)
+    logits[:, 0] = 2.0  # everything called background: right 15 times, wrong once
+    feats = ImageFeatures(torch.zeros(1, 2, 4, 4), logits, 1)
+    valid = torch.ones(1, 4, 4, dtype=torch.bool)
+    ce = torch.nn.functional.cross_entropy
+    right, wrong = ce(logits[0, :, 1, 1][None], torch.tensor([0])), ce(logits[0, :, 0, 0][None], torch.tensor([8]))
+    assert torch.allclose(segmentation_loss(feats, parts, valid), (15 * right + wrong) / 16)
+    w_bg, w_hand = 16.0**-1, 2.0**-1  # (pixels + 1) ^ -1
+    expected = (15 * w_bg * right + w_hand * wrong) / (15 * w_bg + w_hand)
+    assert torch.allclose(segmentation_loss(feats, parts, valid, balance=1.0), expected)
 
 
 def test_dense_loss_is_lowest_at_the_true_vertex():

@@ -222,18 +222,36 @@ def crop_sample(
 
 
 def random_background(seed: int, hw: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 procedural backdrop: a smooth random colour field (1-8 x 1-4 cells, mostly muted)
-    with, most of the time, a sine or square grating of random frequency, angle and contrast. Drawn at a
-    quarter of the size and enlarged once (a backdrop has no finer detail than that; 4x cheaper)."""
+    """(H, W, 3) uint8 procedural backdrop, half of the time a smooth random colour field (1-8 x 1-4 cells,
+    mostly muted) with, most of the time, a sine or square grating of random frequency, angle and contrast;
+    the other half a dead-leaves image (overlapping flat rectangles of random size and colour: edges,
+    corners and flat areas at every scale, the generic statistics of clutter). Drawn at a quarter of the
+    size and enlarged once (a backdrop has no finer detail than that; 4x cheaper)."""
     rng = np.random.default_rng(seed)
     cv2 = opencv()
     h, w = hw
     lh, lw = max(1, h // 4), max(1, w // 4)
+    if rng.random() < 0.5:
+        field = dead_leaves(rng, (lh, lw))
+    else:
+        field = colour_field(rng, (lh, lw))
+    small = (np.clip(field, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, 3)
+
+
+def muted_colours(rng: np.random.Generator, n: int) -> np.ndarray:
+    """(n, 3) random colours, desaturated by a random amount (most backdrops are muted)."""
+    cells = rng.random((n, 3)) ** rng.uniform(0.6, 2.2)
+    grey = cells.mean(axis=-1, keepdims=True)
+    return (grey + rng.uniform(0.0, 0.8) * (cells - grey)).astype(np.float32)
+
+
+def colour_field(rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
+    """(h, w, 3) float smooth colour field, most of the time with a grating on it."""
+    lh, lw = hw
     gh, gw = int(rng.integers(1, 9)), int(rng.integers(1, 5))
-    cells = rng.random((gh, gw, 3)) ** rng.uniform(0.6, 2.2)
-    grey = cells.mean(axis=2, keepdims=True)
-    cells = (grey + rng.uniform(0.0, 0.8) * (cells - grey)).astype(np.float32)
-    field = cv2.resize(cells, (lw, lh), interpolation=cv2.INTER_LINEAR).reshape(lh, lw, 3)
+    cells = muted_colours(rng, gh * gw).reshape(gh, gw, 3)
+    field = opencv().resize(cells, (lw, lh), interpolation=opencv().INTER_LINEAR).reshape(lh, lw, 3)
     if rng.random() < 0.7:
         theta, freq, phase = rng.uniform(0, np.pi), rng.uniform(1.0, 12.0), rng.uniform(0, 2 * np.pi)
         k = np.float32(2 * np.pi * freq / max(lh, lw))
@@ -245,11 +263,24 @@ def random_background(seed: int, hw: tuple[int, int]) -> np.ndarray:
             wave = np.sign(wave)
         amp = (rng.uniform(0.05, 0.3) * rng.uniform(0.3, 1.0, size=3)).astype(np.float32)
         field = field + wave[..., None] * amp
-    small = (np.clip(field, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, 3)
+    return field
 
 
-BACKGROUND_BANK = 64  # textures per image size, made once per process from fixed seeds
+def dead_leaves(rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
+    """(h, w, 3) float dead-leaves image: 20-80 flat rectangles, sizes from a power law, painted in turn."""
+    lh, lw = hw
+    n = int(rng.integers(20, 81))
+    colours = muted_colours(rng, n)
+    field = np.empty((lh, lw, 3), np.float32)
+    field[:] = colours[0]
+    sizes = np.maximum(1, (max(lh, lw) * rng.random((n, 2)) ** 2.5)).astype(int)
+    for i in range(1, n):
+        y, x = int(rng.integers(-sizes[i, 0] + 1, lh)), int(rng.integers(-sizes[i, 1] + 1, lw))
+        field[max(y, 0) : y + sizes[i, 0], max(x, 0) : x + sizes[i, 1]] = colours[i]
+    return field
+
+
+BACKGROUND_BANK = 256  # textures per image size, made once per process from fixed seeds
 _background_bank: dict[tuple[int, int], np.ndarray] = {}
 
 

@@ -88,7 +88,7 @@ class AugmentConfig:
     # with a random procedural texture (smooth colour field and a grating), so that neither parts nor
     # identity can be read from the backdrop (the demo's shifted test set has backdrops never seen in
     # training). The ground's shadows go with it.
-    background_p: float = 0.5
+    background_p: float = 0.8
 
 
 @dataclass
@@ -97,6 +97,8 @@ class LossConfig:
     w_identity: float = 1.0  # (a') the same, softmax over the pixel's part only: which person is this?
     w_dense: float = 0.25  # (b) soft vertex targets from vid.png
     w_seg: float = 1.0  # (c) part segmentation cross-entropy
+    seg_balance: float = 0.5  # class weights of (c): (pixels of the class in the batch)^-seg_balance
+    w_spread: float = 1.0  # (d) uniformity of the prototypes' who-halves on the sphere
     pixels_per_batch: int = 512  # foreground pixels sampled for (a) and (b), balanced over parts
     points_per_identity: int = 384  # prototype points per identity in the similarity matrix (0 = all)
     dense_sigma: float = 0.05  # metres: width of the soft vertex targets in (b)

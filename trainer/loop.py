@@ -42,9 +42,9 @@ from trainer.data import (
     to_device_batch,
 )
 from trainer.losses import registration_losses
-from trainer.models import RegistrationNet, count_parameters, knn_graph
+from trainer.models import RegistrationNet, count_parameters, identity_dims, knn_graph
 
-LOSS_TERMS = ("loss", "contrast", "identity", "dense", "seg")
+LOSS_TERMS = ("loss", "contrast", "identity", "dense", "seg", "spread")
 METRIC_FIELDS = [
     "step",
     *LOSS_TERMS,
@@ -363,6 +363,7 @@ def train(
                 gen,
                 bank.vertex_to_point,
                 idx,
+                identity_dims(model.config),
             )
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()

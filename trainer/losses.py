@@ -167,11 +167,31 @@ def target_points(pix: PixelSample, vertex_to_point: Tensor | None, point_index:
     return out
 
 
-def segmentation_loss(feats: ImageFeatures, parts: Tensor, valid: Tensor) -> Tensor:
-    """(c) CE at full resolution (logits upsampled bilinearly); erased pixels ignored."""
+def segmentation_loss(feats: ImageFeatures, parts: Tensor, valid: Tensor, balance: float = 0.0) -> Tensor:
+    """(c) CE at full resolution (logits upsampled bilinearly); erased pixels ignored. `balance` b weights
+    each class by (its pixels in the batch)^-b: with b = 0 the background and torso outweigh a hand a
+    hundred to one and the arms, hands and feet are never predicted."""
     logits = F.interpolate(feats.seg_logits, size=parts.shape[-2:], mode="bilinear", align_corners=False)
     target = parts.masked_fill(~valid, IGNORE)
-    return F.cross_entropy(logits, target, ignore_index=IGNORE)
+    weight = None
+    if balance > 0:
+        counts = torch.bincount(parts[valid].reshape(-1), minlength=logits.shape[1]).float()
+        weight = (counts + 1).pow(-balance)
+    return F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE)
+
+
+def spread_loss(point_emb: Tensor, identity_dim: int) -> Tensor:
+    """(d) Uniformity of the prototypes' who-halves (Wang & Isola 2020): log mean exp(-2 |w_i - w_j|^2) over
+    pairs of the batch's prototypes. The pixel terms only ask a pixel to prefer its own prototype, which
+    a who-half 0.9 cosine from its neighbour's satisfies at a margin no test image keeps; spreading the
+    prototypes on the sphere widens that margin for every pixel at once (0 when fewer than two)."""
+    p = point_emb.shape[0]
+    if p < 2 or identity_dim <= 0:
+        return point_emb.sum() * 0
+    who = F.normalize(point_emb[:, 0, -identity_dim:].float(), dim=-1)
+    d2 = (2 - 2 * who @ who.t()).clamp_min(0)
+    off = ~torch.eye(p, dtype=torch.bool, device=who.device)
+    return torch.logsumexp(-2 * d2[off], dim=0) - torch.log(torch.tensor(float(off.sum())))
 
 
 def registration_losses(
@@ -188,6 +208,7 @@ def registration_losses(
     generator: torch.Generator,
     vertex_to_point: Tensor | None = None,
     point_index: Tensor | None = None,
+    identity_dim: int = 0,
 ) -> dict[str, Tensor]:
     """All terms and their weighted sum ('loss').
 
@@ -206,13 +227,15 @@ def registration_losses(
         ld = dense_loss(logits, pix, rows, point_xyz, tgt, cfg.dense_sigma)
     else:
         lc = li = ld = zero
-    ls = segmentation_loss(feats, parts, valid)
-    total = cfg.w_contrast * lc + cfg.w_identity * li + cfg.w_dense * ld + cfg.w_seg * ls
+    ls = segmentation_loss(feats, parts, valid, cfg.seg_balance)
+    lu = spread_loss(point_emb, identity_dim) if cfg.w_spread > 0 else zero
+    total = cfg.w_contrast * lc + cfg.w_identity * li + cfg.w_dense * ld + cfg.w_seg * ls + cfg.w_spread * lu
     return {
         "loss": total,
         "contrast": lc,
         "identity": li,
         "dense": ld,
         "seg": ls,
+        "spread": lu,
         "pixels": torch.tensor(float(len(rows))),
     }
