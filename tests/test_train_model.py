@@ -150,7 +150,8 @@ def test_balanced_segmentation_loss_weighs_a_rare_part_like_a_common_one():
     feats = ImageFeatures(torch.zeros(1, 2, 4, 4), logits, 1)
     valid = torch.ones(1, 4, 4, dtype=torch.bool)
     ce = torch.nn.functional.cross_entropy
-    right, wrong = ce(logits[0, :, 1, 1][None], torch.tensor([0])), ce(logits[0, :, 0, 0][None], torch.tensor([8]))
+    right = ce(logits[0, :, 1, 1][None], torch.tensor([0]))
+    wrong = ce(logits[0, :, 0, 0][None], torch.tensor([8]))
     assert torch.allclose(segmentation_loss(feats, parts, valid), (15 * right + wrong) / 16)
     w_bg, w_hand = 16.0**-1, 2.0**-1  # (pixels + 1) ^ -1
     expected = (15 * w_bg * right + w_hand * wrong) / (15 * w_bg + w_hand)
