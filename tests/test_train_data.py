@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from protoreg.parts import OCCLUDER
 from tests.train_fakes import write_fake_dataset
 from trainer.augment import AugParams, crop_box, draw_params, erase_mask, fit_sample, resize_labels
 from trainer.config import AugmentConfig
@@ -274,13 +275,29 @@ def test_erased_pixels_keep_labels_but_are_invalid():
     parts = np.full((64, 32), 2, np.uint8)
     rgb = np.full((64, 32, 3), 128, np.uint8)
     cfg = AugmentConfig(erase_p=1.0, jpeg_p=0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), noise_p=0,
-                        blur_p=0, brightness=0, contrast=0, saturation=0, hue=0, background_p=0)  # fmt: skip
+                        blur_p=0, brightness=0, contrast=0, saturation=0, hue=0, background_p=0,
+                        erase_occluder=False)  # fmt: skip
     out, out_parts, _, valid = augment_one(rng, rgb, parts, parts.astype(np.int32), (64, 32), cfg)
     assert (~valid).sum() > 0 and (out_parts == 2).all()
     params = draw_params(np.random.default_rng(1), (64, 32), cfg)
     fill = [round(v * 255) for v in params.erase_fill]
     assert (out[~valid] == fill).all() and (out[valid] == 128).all()  # the box painted, nothing else
     assert (rgb == 128).all()  # the caller's image is not painted
+
+
+def test_erased_box_is_labelled_occluder_without_a_vertex_and_stays_valid():
+    rng = np.random.default_rng(1)
+    parts = np.full((64, 32), 2, np.uint8)
+    vid = np.full((64, 32), 77, np.int32)
+    rgb = np.full((64, 32, 3), 128, np.uint8)
+    cfg = AugmentConfig(erase_p=1.0, jpeg_p=0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), noise_p=0,
+                        blur_p=0, brightness=0, contrast=0, saturation=0, hue=0, background_p=0)  # fmt: skip
+    out, out_parts, out_vid, valid = augment_one(rng, rgb, parts, vid, (64, 32), cfg)
+    painted = (out != 128).any(axis=-1)
+    assert painted.sum() > 0 and valid.all()
+    assert (out_parts[painted] == OCCLUDER).all() and (out_parts[~painted] == 2).all()
+    assert (out_vid[painted] == 0).all() and (out_vid[~painted] == 77).all()
+    assert (parts == 2).all() and (vid == 77).all()  # the caller's labels are not changed
 
 
 def test_background_replacement_repaints_only_background_pixels_and_is_seeded():

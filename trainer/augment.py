@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from protoreg.dataset import opencv
+from protoreg.parts import OCCLUDER
 from trainer.config import AugmentConfig
 
 
@@ -61,6 +62,7 @@ class AugParams:
     jpeg_quality: int = 0  # 0 = no re-compression
     erase: tuple[int, int, int, int] | None = None  # (y0, x0, h, w) in output pixels
     erase_fill: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    erase_occluder: bool = True  # the erased box is labelled occluder (True) or left out of the losses
     background_seed: int = -1  # seed of the texture that replaces the background; -1 = keep the render's
 
     @property
@@ -158,6 +160,7 @@ def params_from_draws(u: np.ndarray, out_hw: tuple[int, int], cfg: AugmentConfig
         jpeg_quality=min(q_hi, q_lo + int(u[4] * (q_hi - q_lo + 1))) if u[15] < cfg.jpeg_p else 0,
         erase=erase_box(u[18:22], out_hw, cfg.erase_area) if u[16] < cfg.erase_p else None,
         erase_fill=tuple(float(int(v * 256)) / 255 for v in u[22:25]),
+        erase_occluder=cfg.erase_occluder,
         background_seed=int(u[26] * (2**31 - 1)) if u[25] < cfg.background_p else -1,
     )
 
@@ -356,7 +359,8 @@ def augment_sample(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The whole augmentation of one sample: fit + random resized crop to out_hw, background replacement
     and JPEG re-compression when drawn, colour jitter and blur (sets params.mean_gray), noise and erasing
-    (the erased pixels' `valid` follows from params.erase, see `erase_mask`). Never changes its inputs."""
+    (the box labelled occluder, or its pixels' `valid` from params.erase, see `erase_mask`). Never changes
+    its inputs."""
     source = rgb
     rgb, parts, vid = crop_sample(rgb, parts, vid, params, out_hw)
     rgb = background_sample(rgb, parts, params)
@@ -369,7 +373,20 @@ def augment_sample(
     rgb = noise_sample(rgb, params)
     if params.erase is not None and np.may_share_memory(rgb, source):
         rgb = rgb.copy()  # erasing paints in place; the caller's image stays as it was
+    parts, vid = erase_labels(parts, vid, params)
     return erase_sample(rgb, params), parts, vid
+
+
+def erase_labels(parts: np.ndarray, vid: np.ndarray, params: AugParams) -> tuple[np.ndarray, np.ndarray]:
+    """With `erase_occluder`, an erased box is something in front of the person: label OCCLUDER, no vertex
+    (copies of the label maps; unchanged otherwise)."""
+    if params.erase is None or not params.erase_occluder:
+        return parts, vid
+    y0, x0, eh, ew = params.erase
+    parts, vid = parts.copy(), vid.copy()
+    parts[y0 : y0 + eh, x0 : x0 + ew] = OCCLUDER
+    vid[y0 : y0 + eh, x0 : x0 + ew] = 0
+    return parts, vid
 
 
 def noise_sample(rgb: np.ndarray, params: AugParams) -> np.ndarray:
@@ -416,10 +433,10 @@ def erase_colour(params: AugParams) -> np.ndarray:
 
 
 def erase_mask(valid: np.ndarray, params: AugParams) -> None:
-    """Mark a sample's erased box invalid in its (H,W) bool `valid` (erased pixels keep their labels, but
-    no loss may trust them); the rest is set valid."""
+    """Without `erase_occluder`, mark a sample's erased box invalid in its (H,W) bool `valid` (erased pixels
+    keep their labels, but no loss may trust them); the rest is set valid."""
     valid.fill(True)
-    if params.erase is not None:
+    if params.erase is not None and not params.erase_occluder:
         y0, x0, eh, ew = params.erase
         valid[y0 : y0 + eh, x0 : x0 + ew] = False
 

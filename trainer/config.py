@@ -84,6 +84,10 @@ class AugmentConfig:
     jpeg_quality: tuple[int, int] = (30, 90)
     erase_p: float = 0.3
     erase_area: tuple[float, float] = (0.02, 0.15)
+    # The erased box is labelled occluder (15, no vertex), so the segmentation learns that something in
+    # front of the person is not the person (the shifted test set has twice training's occluders); false:
+    # its pixels keep their labels and no loss uses them.
+    erase_occluder: bool = True
     # Background replacement: the probability that a sample's background pixels (label 0) are repainted
     # with a random procedural texture (smooth colour field and a grating), so that neither parts nor
     # identity can be read from the backdrop (the demo's shifted test set has backdrops never seen in
