@@ -46,7 +46,7 @@ def measure(device: str, steps: int, batch: int, identities: int, threads: int =
     from trainer.config import TrainConfig
     from trainer.loop import make_optimizer, point_sample
     from trainer.losses import registration_losses
-    from trainer.models import RegistrationNet, count_parameters, knn_graph
+    from trainer.models import RegistrationNet, count_parameters, identity_dims, knn_graph
 
     cfg = TrainConfig()
     dev = torch.device(device)
@@ -70,7 +70,7 @@ def measure(device: str, steps: int, batch: int, identities: int, threads: int =
         idx = point_sample(b["points"].shape[1], cfg.loss.points_per_identity, gen).to(dev)
         terms = registration_losses(
             feats, emb[:, idx].float(), b["points"][:, idx], b["point_parts"][idx], b["rows"], b["parts"],
-            b["vid"], b["valid"], model.temperature, cfg.loss, gen, vtp, idx,
+            b["vid"], b["valid"], model.temperature, cfg.loss, gen, vtp, idx, identity_dims(cfg.model),
         )  # fmt: skip
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()

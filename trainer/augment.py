@@ -254,7 +254,8 @@ def colour_field(rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
     lh, lw = hw
     gh, gw = int(rng.integers(1, 9)), int(rng.integers(1, 5))
     cells = muted_colours(rng, gh * gw).reshape(gh, gw, 3)
-    field = opencv().resize(cells, (lw, lh), interpolation=opencv().INTER_LINEAR).reshape(lh, lw, 3)
+    cv2 = opencv()
+    field = cv2.resize(cells, (lw, lh), interpolation=cv2.INTER_LINEAR).reshape(lh, lw, 3)
     if rng.random() < 0.7:
         theta, freq, phase = rng.uniform(0, np.pi), rng.uniform(1.0, 12.0), rng.uniform(0, 2 * np.pi)
         k = np.float32(2 * np.pi * freq / max(lh, lw))

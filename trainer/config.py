@@ -89,9 +89,9 @@ class AugmentConfig:
     # its pixels keep their labels and no loss uses them.
     erase_occluder: bool = True
     # Background replacement: the probability that a sample's background pixels (label 0) are repainted
-    # with a random procedural texture (smooth colour field and a grating), so that neither parts nor
-    # identity can be read from the backdrop (the demo's shifted test set has backdrops never seen in
-    # training). The ground's shadows go with it.
+    # with a random procedural texture (a smooth colour field with a grating, or dead-leaves clutter), so
+    # that neither parts nor identity can be read from the backdrop (the demo's shifted test set has
+    # backdrops never seen in training). The ground's shadows go with it.
     background_p: float = 0.8
 
 

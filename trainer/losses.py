@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -191,7 +192,7 @@ def spread_loss(point_emb: Tensor, identity_dim: int) -> Tensor:
     who = F.normalize(point_emb[:, 0, -identity_dim:].float(), dim=-1)
     d2 = (2 - 2 * who @ who.t()).clamp_min(0)
     off = ~torch.eye(p, dtype=torch.bool, device=who.device)
-    return torch.logsumexp(-2 * d2[off], dim=0) - torch.log(torch.tensor(float(off.sum())))
+    return torch.logsumexp(-2 * d2[off], dim=0) - math.log(p * (p - 1))
 
 
 def registration_losses(
@@ -213,7 +214,8 @@ def registration_losses(
     """All terms and their weighted sum ('loss').
 
     point_emb / point_xyz (P,N,D)/(P,N,3) and point_parts (N,) are the points used this step (bank points
-    `point_index`, all when None); sample_rows (B,) = point set of each image's identity.
+    `point_index`, all when None); sample_rows (B,) = point set of each image's identity; identity_dim =
+    the size of the embeddings' who-half (`models.identity_dims`), which (d) spreads (0: no spread term).
     """
     pix = sample_pixels(feats, parts, vid, valid, cfg.pixels_per_batch, generator)
     rows = sample_rows[pix.batch]
