@@ -1,4 +1,4 @@
-"""Training-step throughput: samples/s of one optimisation step (forward, three losses, backward, AdamW) of
+"""Training-step throughput: samples/s of one optimisation step (forward, the losses, backward, AdamW) of
 the default RegistrationNet on random inputs (no data loading), on CPU and, when present, CUDA.
 
 Usage: python bench/train_step.py [--steps 20] [--batch-size 16] [--device cpu|cuda|all]
@@ -125,7 +125,7 @@ def main() -> None:
         "",
         f"Default RegistrationNet ({rows[0]['params'] / 1e6:.2f} M parameters, D={m.embed_dim}, input "
         f"{m.image_size[1]}x{m.image_size[0]}), batch {args.batch_size}, {args.identities} prototypes x "
-        f"{TrainConfig().data.max_points} points encoded per step, all three losses, AdamW; random "
+        f"{TrainConfig().data.max_points} points encoded per step, all losses, AdamW; random "
         f"tensors, no data loading; {args.steps} timed steps after 3 warm-up steps. "
         f"torch {torch.__version__}; "
         f"1-minute load average {load0:.1f} before / {load1:.1f} after on {os.cpu_count()} cores "

@@ -1,4 +1,5 @@
-"""The training objective: (a) part-and-identity InfoNCE, (b) dense soft vertex targets, (c) segmentation.
+"""The training objective: (a) part-and-identity InfoNCE, (b) dense soft vertex targets, (c) segmentation,
+(d) spread of the prototypes' who-halves.
 
 (a) The paper's objective: cosine similarities between sampled foreground pixel embeddings and ALL
     prototype points of the identities in the batch, divided by a learnable temperature; positives of a
@@ -8,7 +9,8 @@
 (b) Dense refinement from vid.png (DensePose CSE spirit): a pixel whose body vertex is known gets a soft
     target over its identity's points, weight exp(-d^2 / 2 sigma^2) with d the rest-pose distance to the
     vertex's point, and is trained with soft cross-entropy over that identity's points.
-(c) Cross-entropy of the 16-class part segmentation (erased pixels ignored).
+(c) Cross-entropy of the 16-class part segmentation, classes weighted against their frequency.
+(d) Uniformity of the batch's prototype who-halves on the sphere.
 """
 
 from __future__ import annotations
