@@ -36,7 +36,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.sections import write_section  # noqa: E402
+from bench.sections import require_demo_outputs, write_section  # noqa: E402
 from protoreg.parts import NUM_BODY_PARTS, NUM_LABELS, PART_NAMES  # noqa: E402
 from trainer.evaluation import confusion_matrix, part_metrics  # noqa: E402
 
@@ -168,9 +168,8 @@ def main() -> None:
     args = ap.parse_args()
     demo = Path(args.demo).resolve()
     ckpt = demo / "run" / "checkpoint-last.pt"
-    for need in (ckpt, demo / "train", demo / "val", demo / "test", demo / "report" / "report.json"):
-        if not need.exists():
-            raise SystemExit(f"identity_signal: {need} is missing; run `make demo` first")
+    needs = ("run/checkpoint-last.pt", "train", "val", "test", "report/report.json")
+    require_demo_outputs("identity_signal", demo, needs)
     SETS.update({name: load_set(demo / name, ckpt) for name in ("train", "val", "test")})
     fork = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=fork) as pool:

@@ -1,5 +1,6 @@
 """The one writer of docs/benchmarks.md: each bench owns the block between its
-`<!-- bench:NAME -->` and `<!-- /bench:NAME -->` markers and replaces only that block."""
+`<!-- bench:NAME -->` and `<!-- /bench:NAME -->` markers and replaces only that block. Also the check the
+benches that measure the demo's outputs share."""
 
 from __future__ import annotations
 
@@ -30,3 +31,10 @@ def write_section(section: str, text: str, path: Path = BENCHMARKS) -> None:
         f.write(doc)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+
+
+def require_demo_outputs(bench: str, demo: Path, names: tuple[str, ...]) -> None:
+    """Exit with one line naming the first of the demo folder's `names` that is missing."""
+    for name in names:
+        if not (demo / name).exists():
+            raise SystemExit(f"{bench}: {demo / name} is missing; run `make demo` first")

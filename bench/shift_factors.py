@@ -27,7 +27,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.sections import write_section  # noqa: E402
+from bench.sections import require_demo_outputs, write_section  # noqa: E402
 from protoreg.demo import CONFIGS, DemoConfig, generate, protoreg_command, run_step  # noqa: E402
 
 SECTION = "shift_factors"
@@ -81,9 +81,7 @@ def main() -> None:
     ap.add_argument("--note", default="", help="a sentence about the run (machine load, ...)")
     args = ap.parse_args()
     demo = Path(args.demo).resolve()
-    for need in ("identities.jsonl", "run/checkpoint-last.pt", "gallery.h5"):
-        if not (demo / need).exists():
-            raise SystemExit(f"shift_factors: {demo / need} is missing; run `make demo` first")
+    require_demo_outputs("shift_factors", demo, ("identities.jsonl", "run/checkpoint-last.pt", "gallery.h5"))
     saved = json.loads((demo / "demo-config.json").read_text())
     demo_cfg = DemoConfig(**{k: v for k, v in saved.items() if k in DemoConfig.__dataclass_fields__})
     train = yaml.safe_load((CONFIGS / "demo-train.yaml").read_text()) or {}
