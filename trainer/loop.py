@@ -331,6 +331,7 @@ def train(
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     )
+    who_dims = identity_dims(model.config)  # the who-half the spread term reads
     bar = tqdm(total=end, initial=step, desc="train", unit="step", disable=not (progress and dist.main))
     window_t, window_n = time.perf_counter(), 0
     last_val: dict[str, float] = {}
@@ -363,7 +364,7 @@ def train(
                 gen,
                 bank.vertex_to_point,
                 idx,
-                identity_dims(model.config),
+                who_dims,
             )
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
