@@ -12,7 +12,7 @@ import torch
 
 from protoreg.parts import OCCLUDER
 from tests.train_fakes import write_fake_dataset
-from trainer.augment import AugParams, crop_box, draw_params, erase_mask, fit_sample, resize_labels
+from trainer.augment import NUM_DRAWS, AugParams, crop_box, draw_params, erase_mask, fit_sample, resize_labels
 from trainer.config import AugmentConfig
 from trainer.data import (
     DataSpecError,
@@ -231,7 +231,8 @@ def test_crop_moves_labels_with_pixels():
     rgb = np.repeat((parts * 15)[..., None], 3, axis=2).astype(np.uint8)
     vid = parts.astype(np.int32) + 1
     cfg = AugmentConfig(
-        jpeg_p=0, erase_p=0, blur_p=0, noise_p=0, gray_p=0, brightness=0, contrast=0, saturation=0, hue=0
+        jpeg_p=0, erase_p=0, blur_p=0, noise_p=0, gray_p=0, brightness=0, contrast=0, saturation=0, hue=0,
+        garment_p=0,
     )
     out_rgb, out_parts, out_vid, valid = augment_one(rng, rgb, parts, vid, (h, w), cfg)
     assert out_rgb.shape == (h, w, 3) and valid.all()
@@ -275,7 +276,7 @@ def test_erased_pixels_keep_labels_but_are_invalid():
     parts = np.full((64, 32), 2, np.uint8)
     rgb = np.full((64, 32, 3), 128, np.uint8)
     cfg = AugmentConfig(erase_p=1.0, jpeg_p=0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), noise_p=0,
-                        blur_p=0, brightness=0, contrast=0, saturation=0, hue=0, background_p=0,
+                        blur_p=0, brightness=0, contrast=0, saturation=0, hue=0, background_p=0, garment_p=0,
                         erase_occluder=False)  # fmt: skip
     out, out_parts, _, valid = augment_one(rng, rgb, parts, parts.astype(np.int32), (64, 32), cfg)
     assert (~valid).sum() > 0 and (out_parts == 2).all()
@@ -291,7 +292,8 @@ def test_erased_box_is_labelled_occluder_without_a_vertex_and_stays_valid():
     vid = np.full((64, 32), 77, np.int32)
     rgb = np.full((64, 32, 3), 128, np.uint8)
     cfg = AugmentConfig(erase_p=1.0, jpeg_p=0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), noise_p=0,
-                        blur_p=0, brightness=0, contrast=0, saturation=0, hue=0, background_p=0)  # fmt: skip
+                        blur_p=0, brightness=0, contrast=0, saturation=0, hue=0, background_p=0,
+                        garment_p=0)  # fmt: skip
     out, out_parts, out_vid, valid = augment_one(rng, rgb, parts, vid, (64, 32), cfg)
     painted = (out != 128).any(axis=-1)
     assert painted.sum() > 0 and valid.all()
@@ -309,8 +311,8 @@ def test_background_replacement_repaints_only_background_pixels_and_is_seeded():
     rgb = np.full((64, 32, 3), 77, np.uint8)
     cfg = AugmentConfig(enabled=True, background_p=0.6, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
                         brightness=0, contrast=0, saturation=0, hue=0, blur_p=0, noise_p=0, jpeg_p=0,
-                        erase_p=0)  # fmt: skip
-    u = np.full(27, 0.5)
+                        erase_p=0, garment_p=0)  # fmt: skip
+    u = np.full(NUM_DRAWS, 0.5)
     drawn = params_from_draws(u, (64, 32), cfg)
     assert drawn.background_seed >= 0
 
@@ -325,6 +327,40 @@ def test_background_replacement_repaints_only_background_pixels_and_is_seeded():
     u[25] = 0.7  # over background_p: the render's backdrop stays
     kept, _, _ = run(params_from_draws(u, (64, 32), cfg))
     assert np.array_equal(kept, rgb)
+
+
+def test_garment_recolouring_repaints_garment_regions_only_and_keeps_their_shading():
+    from trainer.augment import GARMENT_REGIONS, augment_sample, params_from_draws
+
+    parts = np.zeros((64, 32), np.uint8)
+    parts[0:8] = 1  # head (skin and hair: never repainted)
+    parts[8:24] = 2  # torso (the top)
+    parts[24:48] = 11  # left lower leg (the bottom)
+    parts[48:56] = 7  # a hand
+    parts[56:64] = 13  # a foot (the shoes)
+    rgb = np.zeros((64, 32, 3), np.uint8)
+    rgb[..., 0] = np.arange(32, dtype=np.uint8)[None] * 4 + 40  # shading along x: kept as luminance
+    rgb[..., 1], rgb[..., 2] = 90, 60
+    cfg = AugmentConfig(enabled=True, garment_p=0.5, background_p=0, crop_scale=(1.0, 1.0),
+                        crop_ratio=(1.0, 1.0), brightness=0, contrast=0, saturation=0, hue=0, blur_p=0,
+                        noise_p=0, jpeg_p=0, erase_p=0)  # fmt: skip
+    u = np.full(NUM_DRAWS, 0.9)
+    u[27:31] = (0.1, 0.6, 1.0, 0.5)  # top: repainted, a saturated blue, gain 1
+    params = params_from_draws(u, (64, 32), cfg)
+    assert params.garment_tints[0] is not None and params.garment_tints[1:] == (None, None)
+    assert len(params.garment_tints) == len(GARMENT_REGIONS)
+    out, out_parts, _ = augment_sample(params, rgb, parts, parts.astype(np.int32), (64, 32))
+    assert np.array_equal(out_parts, parts)
+    top = parts == 2
+    assert np.array_equal(out[~top], rgb[~top])  # head, hands, legs and shoes as rendered
+    r, g, b = out[top].astype(int).T
+    assert (b > r).all() and (b > g).all()  # blue now
+    luma_in = rgb[top].astype(float) @ np.array([0.299, 0.587, 0.114])
+    luma_out = out[top].astype(float) @ np.array([0.299, 0.587, 0.114])
+    assert np.corrcoef(luma_in, luma_out)[0, 1] > 0.9  # the shading survives the repaint
+    assert params_from_draws(u, (64, 32), cfg) == params  # drawn from the slots alone
+    cfg.garment_p = 0.0
+    assert params_from_draws(u, (64, 32), cfg).garment_tints == (None, None, None)
 
 
 def test_photometric_is_vectorised_and_bounded():

@@ -6,7 +6,8 @@ over uint8 pixels instead of float tensors:
   vector of NUM_DRAWS uniforms (`params_from_draws`: the loader uses its row of the batch's draws,
   `draw_params` draws it from a generator) into an `AugParams`; then, on the uint8 image through OpenCV,
   one resample does the fit to the output size and the random resized crop (and optional flip; bilinear
-  RGB, labels nearest at the same pixel centres, so labels move with their pixels), background
+  RGB, labels nearest at the same pixel centres, so labels move with their pixels), garment recolouring
+  (a garment region repainted in a random colour at its own luminance, when drawn), background
   replacement (label-0 pixels repainted with a procedural texture, when drawn), followed by JPEG
   re-compression at the output size (when drawn), colour jitter as one 3x4 colour matrix, blur as a
   separable Gaussian, Gaussian noise from a fixed bank of fields (rounded and saturated to uint8 in one
@@ -21,6 +22,7 @@ The torch versions of colour, blur and noise for float batches (`photometric`) u
 
 from __future__ import annotations
 
+import colorsys
 import math
 from dataclasses import dataclass, field
 
@@ -64,6 +66,8 @@ class AugParams:
     erase_fill: tuple[float, float, float] = (0.0, 0.0, 0.0)
     erase_occluder: bool = True  # the erased box is labelled occluder (True) or left out of the losses
     background_seed: int = -1  # seed of the texture that replaces the background; -1 = keep the render's
+    # per garment region (GARMENT_REGIONS): (tint r, g, b, luminance gain), or None = keep the render's
+    garment_tints: tuple[tuple[float, float, float, float] | None, ...] = ()
 
     @property
     def geometric(self) -> bool:
@@ -123,7 +127,7 @@ def erase_box(u: np.ndarray, hw: tuple[int, int], area: tuple[float, float]) -> 
     return int(u[2] * (h - eh + 1)), int(u[3] * (w - ew + 1)), eh, ew
 
 
-NUM_DRAWS = 27  # uniforms per sample, drawn as one vector (separate generator calls cost more)
+NUM_DRAWS = 27 + 4 * 3  # uniforms per sample, drawn as one vector (separate generator calls cost more)
 
 
 def draw_params(rng: np.random.Generator, out_hw: tuple[int, int], cfg: AugmentConfig | None) -> AugParams:
@@ -162,7 +166,28 @@ def params_from_draws(u: np.ndarray, out_hw: tuple[int, int], cfg: AugmentConfig
         erase_fill=tuple(float(int(v * 256)) / 255 for v in u[22:25]),
         erase_occluder=cfg.erase_occluder,
         background_seed=int(u[26] * (2**31 - 1)) if u[25] < cfg.background_p else -1,
+        garment_tints=tuple(
+            garment_tint(u[27 + 4 * g : 31 + 4 * g]) if u[27 + 4 * g] < cfg.garment_p else None
+            for g in range(len(GARMENT_REGIONS))
+        ),
     )
+
+
+# Parts a garment usually covers, by garment: top (torso, upper arms), bottom (legs), shoes (feet). The head,
+# lower arms and hands keep their colours: skin and hair are identity; garments are not.
+GARMENT_REGIONS: tuple[tuple[int, ...], ...] = ((2, 3, 4), (9, 10, 11, 12), (13, 14))
+_GARMENT_LUT = np.zeros(256, np.uint8)  # part label -> 1 + its garment region (0: none)
+for _g, _region in enumerate(GARMENT_REGIONS):
+    _GARMENT_LUT[list(_region)] = _g + 1
+
+
+def garment_tint(u: list[float]) -> tuple[float, float, float, float]:
+    """(r, g, b, gain) from 4 uniforms (the first already spent on 'whether'): a tint of random hue and
+    saturation with grey 1, and a luminance gain in [0.6, 1.8] (dark and bright garments alike)."""
+    _, hue, sat, gain = u
+    rgb = np.array(colorsys.hsv_to_rgb(hue, sat**0.7, 1.0))
+    rgb = rgb / float(rgb @ GRAY_NP)
+    return float(rgb[0]), float(rgb[1]), float(rgb[2]), log_uniform(gain, (0.6, 1.8))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,6 +333,27 @@ def background_sample(rgb: np.ndarray, parts: np.ndarray, params: AugParams) -> 
     return opencv().copyTo(rgb, (parts != 0).view(np.uint8), out)  # keep person and occluders
 
 
+def garment_sample(rgb: np.ndarray, parts: np.ndarray, params: AugParams) -> np.ndarray:
+    """Repaint the garment regions that drew a tint: each pixel keeps its luminance (times the gain: folds,
+    stripes and shading stay) in the tint's colour, so the muted training garments also appear bright,
+    pastel or saturated and garment colour stops being a cue the identity can lean on. One rank-1 colour
+    matrix (tint x grey) per region through OpenCV, copied in under the region's mask."""
+    if not any(params.garment_tints):
+        return rgb
+    cv2 = opencv()
+    regions = _GARMENT_LUT[parts]
+    out = rgb.copy()
+    for g, tint in enumerate(params.garment_tints):
+        if tint is None:
+            continue
+        mask = (regions == g + 1).view(np.uint8)
+        if not mask.any():
+            continue
+        matrix = np.outer(np.asarray(tint[:3]) * tint[3], GRAY_NP)
+        cv2.copyTo(cv2.transform(rgb, matrix), mask, out)
+    return out
+
+
 def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
     """JPEG-compress and decode again (4:2:0, like the generator's and most cameras' files)."""
     cv2 = opencv()
@@ -364,6 +410,7 @@ def augment_sample(
     its inputs."""
     source = rgb
     rgb, parts, vid = crop_sample(rgb, parts, vid, params, out_hw)
+    rgb = garment_sample(rgb, parts, params)
     rgb = background_sample(rgb, parts, params)
     if params.jpeg_quality:
         rgb = jpeg_roundtrip(rgb, params.jpeg_quality)

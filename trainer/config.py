@@ -93,6 +93,10 @@ class AugmentConfig:
     # that neither parts nor identity can be read from the backdrop (the demo's shifted test set has
     # backdrops never seen in training). The ground's shadows go with it.
     background_p: float = 0.8
+    # Garment recolouring: the probability that each garment region (top: torso and upper arms; bottom:
+    # legs; shoes: feet) is repainted in a random colour of random saturation and brightness, keeping its
+    # shading and pattern (the demo's training clothes are muted, its shifted test set's bright and pastel).
+    garment_p: float = 0.5
 
 
 @dataclass
