@@ -92,8 +92,9 @@ def test_a_few_cpu_steps_lower_the_loss(data, tmp_path):
     assert state["step"] == 60 and len(state["model_fingerprint"]) == 64
 
 
-def test_two_n_steps_equal_n_plus_resume_plus_n(data, tmp_path):
-    cfg = config_file(tmp_path)
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_two_n_steps_equal_n_plus_resume_plus_n(data, tmp_path, ema):
+    cfg = config_file(tmp_path, **{"optim.ema_decay": ema})
     base = [
         "--shards",
         str(data),
@@ -118,6 +119,14 @@ def test_two_n_steps_equal_n_plus_resume_plus_n(data, tmp_path):
     assert a["step"] == b["step"] == 8
     for k, v in a["model"].items():
         assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-5, rtol=1e-4), k
+    assert ("ema" in a) == ("ema" in b) == (ema > 0)
+    if ema:  # the average resumes too, differs from the last weights, and is what inference loads
+        for k, v in a["ema"].items():
+            assert torch.allclose(v.float(), b["ema"][k].float(), atol=1e-5, rtol=1e-4), k
+        name = "image_encoder.embed.weight"
+        assert not torch.allclose(a["ema"][name], a["model"][name])
+        model, _ = load_model(tmp_path / "full" / "checkpoint-last.pt")
+        assert torch.equal(model.state_dict()[name], a["ema"][name])
     full = {r["step"]: r["loss"] for r in metrics(tmp_path / "full")}
     split = {r["step"]: r["loss"] for r in metrics(tmp_path / "split")}
     assert "8" in full and full["8"] == split["8"] and "4" in split

@@ -84,8 +84,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     extra: dict[str, Any] | None = None,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the checkpoint atomically: a crash mid-write leaves the previous file intact."""
+    """Write the checkpoint atomically: a crash mid-write leaves the previous file intact. `ema`: the
+    averaged weights (optim.ema_decay), which inference loads instead of the last step's."""
     path = Path(path)
     net = unwrap(model)
     state = {
@@ -101,6 +103,7 @@ def save_checkpoint(
         "train_fingerprint": fingerprint(training_identity(cfg)),
         "torch_version": str(torch.__version__),
         "extra": extra or {},
+        **({} if ema is None else {"ema": {k: v.detach().cpu() for k, v in ema.items()}}),
         "point_graph": net.point_graph
         if net.point_graph is not None
         else torch.zeros(0, 0, dtype=torch.long),
@@ -161,7 +164,7 @@ def model_from_state(state: dict[str, Any], device: str | torch.device = "cpu") 
     if state.get("model_fingerprint") != model_fingerprint(model_cfg):
         raise CheckpointError("checkpoint: model_fingerprint does not match its model_config")
     model = RegistrationNet(model_cfg)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state.get("ema", state["model"]))  # the averaged weights when training kept them
     graph = state.get("point_graph")
     if graph is not None and graph.numel() > 0:
         model.set_point_graph(graph)

@@ -122,6 +122,31 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm, low))
 
 
+class WeightAverage:
+    """Exponential moving average of a model's floating-point state (weights and BatchNorm statistics): a
+    smoother model than the last step's, at one lerp per tensor and step. Integer buffers are copied."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        """Fold the weights after `step` optimiser steps into the average."""
+        weight = 1.0 - min(self.decay, (1 + step) / (10 + step))
+        floats, targets = [], []
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                floats.append(self.state[k])
+                targets.append(v.detach())
+            else:
+                self.state[k].copy_(v)
+        torch._foreach_lerp_(floats, targets, weight)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for k, v in state.items():
+            self.state[k].copy_(v)
+
+
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     """The loss's pixel-sampling generator of one step: a function of the step, so resume replays it."""
     return torch.Generator().manual_seed(
@@ -288,6 +313,10 @@ def train(
     skipped_total = 0
     if state is not None:
         model.load_state_dict(state["model"])
+    average = WeightAverage(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    if state is not None:
+        if average is not None:
+            average.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -373,6 +402,8 @@ def train(
             optimizer.step()
             scheduler.step()
             step += 1
+            if average is not None:
+                average.update(model, step)
             window_n += images.shape[0]
             bar.update(1)
             if not math.isfinite(float(terms["loss"].detach())):
@@ -390,13 +421,13 @@ def train(
                     "skipped": skipped_total,
                 }
                 if do_val or (step == end and val_source is not None):
-                    last_val = run_validation(model, val_source, cfg, device, dist)
+                    last_val = run_validation(model, val_source, cfg, device, dist, average)
                     row.update(last_val)
                 log.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.0f}")
                 window_t, window_n = time.perf_counter(), 0
             if step % cfg.ckpt_every == 0 or step == end:
-                save_ckpt(ckpt_path, model, cfg, step, optimizer, scheduler, skipped_total, dist)
+                save_ckpt(ckpt_path, model, cfg, step, optimizer, scheduler, skipped_total, dist, average)
             if step >= end:
                 break
     finally:
@@ -411,28 +442,47 @@ def train(
     return {"step": step, "skipped": skipped_total, **last_val}
 
 
-def save_ckpt(path: Path, model, cfg, step, optimizer, scheduler, skipped_total: int, dist: DistInfo) -> None:  # noqa: ANN001
+def save_ckpt(path: Path, model, cfg, step, optimizer, scheduler, skipped_total: int, dist: DistInfo,  # noqa: ANN001
+              average: WeightAverage | None = None) -> None:  # fmt: skip
     if dist.main:
         save_checkpoint(
-            path, model, cfg, step, optimizer, scheduler, extra={"skipped_total": int(skipped_total)}
+            path,
+            model,
+            cfg,
+            step,
+            optimizer,
+            scheduler,
+            extra={"skipped_total": int(skipped_total)},
+            ema=None if average is None else average.state,
         )
     if dist.world > 1:
         torch.distributed.barrier()
 
 
-def run_validation(
-    model: RegistrationNet, source, cfg: TrainConfig, device, dist: DistInfo
-) -> dict[str, float]:  # noqa: ANN001
-    """Validation on rank 0 only (others wait at the barrier); the model returns to train mode."""
+def run_validation(  # noqa: ANN001
+    model: RegistrationNet,
+    source,
+    cfg: TrainConfig,
+    device,
+    dist: DistInfo,
+    average: WeightAverage | None = None,
+) -> dict[str, float]:
+    """Validation on rank 0 only (others wait at the barrier) of the weights checkpoints give to inference
+    (the average, when kept); the model returns to train mode with its own weights."""
     from trainer.validation import validate
 
     result: dict[str, float] = {}
     if dist.main:
         net = unwrap(model)
+        live = None if average is None else {k: v.clone() for k, v in net.state_dict().items()}
+        if average is not None:
+            net.load_state_dict(average.state)
         net.eval()
         try:
             result = validate(net, source, cfg, device)
         finally:
+            if live is not None:
+                net.load_state_dict(live)
             net.train()
     if dist.world > 1:
         torch.distributed.barrier()
