@@ -113,7 +113,7 @@ class ImageEncoder(nn.Module):
         # the head, ...), a per-image appearance code added to every pixel's who-half; the image-side twin of
         # the point branch's appearance shortcut. Identity lives in these colours, not in the pixel's own.
         self.part_colour = nn.Sequential(
-            nn.Linear(NUM_LABELS * 4, d), nn.ReLU(inplace=True), nn.Linear(d, self.id_dim or cfg.embed_dim)
+            nn.Linear(NUM_LABELS * 7, d), nn.ReLU(inplace=True), nn.Linear(d, self.id_dim or cfg.embed_dim)
         )
         self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
@@ -142,8 +142,10 @@ class ImageEncoder(nn.Module):
         small = F.adaptive_avg_pool2d(images, probs.shape[-2:])  # (B, 3, h, w) in [0, 1]
         mass = probs.sum(dim=(2, 3))  # (B, 16)
         colour = torch.einsum("bkhw,bchw->bkc", probs, small) / (mass[..., None] + 1e-3)
+        power = torch.einsum("bkhw,bchw->bkc", probs, small * small) / (mass[..., None] + 1e-3)
+        spread = (power - colour * colour).clamp_min(0).add(1e-4).sqrt()  # hair and face mixed in the head
         share = mass / (probs.shape[-1] * probs.shape[-2])
-        feats = torch.cat([(colour - 0.5) * 4, share[..., None] * 4], dim=-1)  # (B, 16, 4)
+        feats = torch.cat([(colour - 0.5) * 4, spread * 8, share[..., None] * 4], dim=-1)  # (B, 16, 7)
         return self.part_colour(feats.flatten(1))
 
 
