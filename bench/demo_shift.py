@@ -51,7 +51,8 @@ def main() -> None:
         f"{cfg['identities']} identities; {cfg['n_train']} training images (configs/demo-train.yaml), "
         f"{cfg['n_val']} validation images for calibration (same distribution), {rep['images']} SHIFTED test "
         f"images (configs/demo-shifted-test.yaml: other garment colours and patterns, backgrounds, light, "
-        f"camera ranges, more occlusion); {cfg['resolution']} renders at {cfg['samples']} samples; "
+        f"camera ranges, more occlusion); {cfg['resolution']} renders, the training and validation sets at "
+        f"{cfg.get('train_samples', cfg['samples'])} samples, the test set at {cfg['samples']}; "
         f"{cfg['steps']} training steps of batch {cfg['batch_size']} on CPU. "
         f"Machine: {os.cpu_count()} cores, {platform.machine()}. {args.note}",
         "",

@@ -43,3 +43,15 @@ def test_a_set_made_with_other_settings_is_moved_aside_and_kept(tmp_path):
     assert not (tmp_path / "val").exists()
     (stale,) = tmp_path.glob("val-stale-*")
     assert json.loads((stale / "manifest.json").read_text())["fingerprint"] == wanted  # kept, not deleted
+
+
+def test_training_sets_render_at_their_own_samples_and_test_sets_at_the_full_count(tmp_path):
+    cfg = DemoConfig(train_samples=8, samples=16)
+    write_identities(tmp_path, cfg)
+
+    def samples(name: str, config: str) -> int:
+        return requested_fingerprint(tmp_path, cfg, name, 10, 1, config)["config"]["render"]["samples"]
+
+    assert samples("train", "demo-train.yaml") == 8 and samples("val", "demo-train.yaml") == 8
+    assert samples("test", "demo-shifted-test.yaml") == 16
+    assert samples("shift-factors/all", "demo-shifted-test.yaml") == 16
