@@ -197,3 +197,27 @@ def test_protoreg_train_is_the_same_command():
     for flag in ("--steps", "--batch-size", "--device", "--config", "--val", "--lr", "--workers", "--seed",
                  "--log-every", "--ckpt-every", "--val-every", "--compile"):  # fmt: skip
         assert flag in result.output
+
+
+def test_a_step_adds_absent_identities_as_negatives():
+    from trainer.data import PrototypeBank
+    from trainer.loop import batch_points, step_generator
+
+    p, n = 6, 4
+    points = torch.arange(p, dtype=torch.float32)[:, None, None].expand(p, n, 3).contiguous()  # row r = r
+    bank = PrototypeBank(
+        names=[f"id{i}" for i in range(p)], ids=torch.arange(p) * 10, points=points, normals=points,
+        albedo=points, parts=torch.ones(n, dtype=torch.long), vertex_ids=torch.arange(n),
+        subset=torch.arange(n), row_of_id={10 * i: i for i in range(p)},
+    )  # fmt: skip
+    batch = torch.tensor([30, 10, 30])  # rows 3, 1, 3
+    pts, _, _, rows = batch_points(bank, batch, torch.device("cpu"))
+    assert pts[:, 0, 0].tolist() == [1, 3] and rows.tolist() == [1, 0, 1]
+    pts, _, _, rows = batch_points(bank, batch, torch.device("cpu"), extra=8)  # room for all: every row
+    assert pts[:, 0, 0].tolist() == [0, 1, 2, 3, 4, 5] and rows.tolist() == [3, 1, 3]
+    cpu = torch.device("cpu")
+    draws = [batch_points(bank, batch, cpu, 2, step_generator(0, 0, s, salt=1))[0] for s in range(6)]
+    for pts in draws:  # the batch's two and two of the other four, each step its own
+        got = pts[:, 0, 0].long().tolist()
+        assert len(got) == 4 and {1, 3} <= set(got) and got == sorted(got)
+    assert len({tuple(d[:, 0, 0].tolist()) for d in draws}) > 1

@@ -147,10 +147,11 @@ class WeightAverage:
             self.state[k].copy_(v)
 
 
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """The loss's pixel-sampling generator of one step: a function of the step, so resume replays it."""
+def step_generator(seed: int, rank: int, step: int, salt: int = 0x1055) -> torch.Generator:
+    """A generator of one step (the loss's pixel sampling by default; another `salt`, another stream): a
+    function of the step, so resume replays it."""
     return torch.Generator().manual_seed(
-        int(np.random.SeedSequence([seed, rank, step, 0x1055]).generate_state(1)[0])
+        int(np.random.SeedSequence([seed, rank, step, salt]).generate_state(1)[0])
     )
 
 
@@ -161,10 +162,26 @@ def point_sample(n_points: int, k: int, generator: torch.Generator) -> torch.Ten
     return torch.randperm(n_points, generator=generator)[:k].sort().values
 
 
-def batch_points(bank: PrototypeBank, identity: torch.Tensor, device: torch.device):
-    """The prototypes of the identities in a batch: unique rows, and each image's index among them."""
+def batch_points(
+    bank: PrototypeBank,
+    identity: torch.Tensor,
+    device: torch.device,
+    extra: int = 0,
+    generator: torch.Generator | None = None,
+):
+    """The prototypes of a step: the batch's identities plus up to `extra` others of the bank (all of them
+    when it holds fewer, else a random draw), and each image's index among them. The others are pure
+    negatives: with 16 images of 10 people a batch shows about 8, and the pixels never met the other two."""
     rows = bank.rows(identity)
-    uniq, inverse = torch.unique(rows, sorted=True, return_inverse=True)
+    uniq = torch.unique(rows, sorted=True)
+    if extra > 0:
+        absent = torch.ones(len(bank.names), dtype=torch.bool)
+        absent[uniq] = False
+        others = absent.nonzero().squeeze(1)
+        if len(others) > extra:
+            others = others[torch.randperm(len(others), generator=generator)[:extra]]
+        uniq = torch.cat([uniq, others]).sort().values
+    inverse = torch.searchsorted(uniq, rows)
     return (
         bank.points[uniq].to(device),
         bank.normals[uniq].to(device),
@@ -374,7 +391,13 @@ def train(
                 continue
             batch = to_device_batch(batch, device)  # uint8 -> float in [0,1], labels -> long, on the device
             images = batch["images"]
-            pts, nrm, alb, rows = batch_points(bank, batch["identity"], device)
+            pts, nrm, alb, rows = batch_points(
+                bank,
+                batch["identity"],
+                device,
+                cfg.loss.extra_identities,
+                step_generator(cfg.seed, dist.rank, step, salt=0x1D5),
+            )
             with autocast:
                 feats, point_emb = net(images, pts, nrm, alb)
             gen = step_generator(cfg.seed, dist.rank, step)
