@@ -363,6 +363,28 @@ def test_garment_recolouring_repaints_garment_regions_only_and_keeps_their_shadi
     assert params_from_draws(u, (64, 32), cfg).garment_tints == (None, None, None)
 
 
+def test_side_light_darkens_one_side_and_lightens_the_other():
+    from trainer.augment import augment_sample, params_from_draws
+
+    parts = np.zeros((64, 32), np.uint8)
+    rgb = np.full((64, 32, 3), 100, np.uint8)
+    cfg = AugmentConfig(enabled=True, shading_p=0.5, shading=0.6, background_p=0, garment_p=0,
+                        crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), brightness=0, contrast=0, saturation=0,
+                        hue=0, blur_p=0, noise_p=0, jpeg_p=0, erase_p=0)  # fmt: skip
+    u = np.full(NUM_DRAWS, 0.9)
+    u[39:42] = (0.1, 0.0, 1.0)  # side light from the right (direction 0), full strength
+    params = params_from_draws(u, (64, 32), cfg)
+    assert params.shading == pytest.approx((0.0, 0.6))
+    out, out_parts, _ = augment_sample(params, rgb, parts, parts.astype(np.int32), (64, 32))
+    assert np.array_equal(out_parts, parts)
+    left, right = out[:, 0].astype(int), out[:, -1].astype(int)
+    assert (left == round(100 * np.exp(-0.6 / np.sqrt(2)))).all()  # exp(-s) on one edge (along x: s/sqrt 2)
+    assert (right == round(100 * np.exp(0.6 / np.sqrt(2)))).all()
+    assert (np.diff(out[10, :, 0].astype(int)) >= 0).all()  # and it grows in between
+    u[39] = 0.6  # over shading_p: no side light
+    assert params_from_draws(u, (64, 32), cfg).shading is None
+
+
 def test_photometric_is_vectorised_and_bounded():
     from trainer.augment import PhotoParams, photometric
 

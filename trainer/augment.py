@@ -68,6 +68,7 @@ class AugParams:
     background_seed: int = -1  # seed of the texture that replaces the background; -1 = keep the render's
     # per garment region (GARMENT_REGIONS): (tint r, g, b, luminance gain), or None = keep the render's
     garment_tints: tuple[tuple[float, float, float, float] | None, ...] = ()
+    shading: tuple[float, float] | None = None  # (direction in radians, log-gain across the image) or none
 
     @property
     def geometric(self) -> bool:
@@ -127,7 +128,7 @@ def erase_box(u: np.ndarray, hw: tuple[int, int], area: tuple[float, float]) -> 
     return int(u[2] * (h - eh + 1)), int(u[3] * (w - ew + 1)), eh, ew
 
 
-NUM_DRAWS = 27 + 4 * 3  # uniforms per sample, drawn as one vector (separate generator calls cost more)
+NUM_DRAWS = 27 + 4 * 3 + 3  # uniforms per sample, drawn as one vector (separate generator calls cost more)
 
 
 def draw_params(rng: np.random.Generator, out_hw: tuple[int, int], cfg: AugmentConfig | None) -> AugParams:
@@ -170,6 +171,7 @@ def params_from_draws(u: np.ndarray, out_hw: tuple[int, int], cfg: AugmentConfig
             garment_tint(u[27 + 4 * g : 31 + 4 * g]) if u[27 + 4 * g] < cfg.garment_p else None
             for g in range(len(GARMENT_REGIONS))
         ),
+        shading=(u[40] * 2 * math.pi, uniform(u[41], (0.0, cfg.shading))) if u[39] < cfg.shading_p else None,
     )
 
 
@@ -379,6 +381,20 @@ def colour_sample(rgb: np.ndarray, params: AugParams) -> np.ndarray:
     return opencv().transform(rgb, np.concatenate([lin, 255 * offset[:, None]], axis=1))
 
 
+def shading_sample(rgb: np.ndarray, params: AugParams) -> np.ndarray:
+    """Light from one side: the image times a gain that grows exponentially along a random direction, from
+    exp(-s) on one edge to exp(s) on the other (a low sun lights one side of a person and leaves the other
+    in shade; the render's own light comes mostly from above)."""
+    if params.shading is None or params.shading[1] <= 0:
+        return rgb
+    angle, strength = params.shading
+    h, w = rgb.shape[:2]
+    ys = np.linspace(-1, 1, h, dtype=np.float32)[:, None] * np.float32(math.sin(angle))
+    xs = np.linspace(-1, 1, w, dtype=np.float32)[None, :] * np.float32(math.cos(angle))
+    gain = np.exp(np.float32(strength) * (xs + ys) / np.float32(math.sqrt(2)))
+    return opencv().multiply(rgb, np.repeat(gain[..., None], 3, axis=2), dtype=opencv().CV_8U)
+
+
 def blur_sample(rgb: np.ndarray, params: AugParams) -> np.ndarray:
     """Separable Gaussian blur of one uint8 image (edges replicated)."""
     if params.photo.blur_sigma <= 0:
@@ -417,6 +433,7 @@ def augment_sample(
     if params.photo.recolours:
         params.mean_gray = mean_gray(rgb)
     rgb = colour_sample(rgb, params)
+    rgb = shading_sample(rgb, params)
     rgb = blur_sample(rgb, params)
     rgb = noise_sample(rgb, params)
     if params.erase is not None and np.may_share_memory(rgb, source):
