@@ -68,7 +68,7 @@ class AugParams:
     background_seed: int = -1  # seed of the texture that replaces the background; -1 = keep the render's
     # per garment region (GARMENT_REGIONS): (tint r, g, b, luminance gain), or None = keep the render's
     garment_tints: tuple[tuple[float, float, float, float] | None, ...] = ()
-    shading: tuple[float, float] | None = None  # (direction in radians, log-gain across the image) or none
+    shading: tuple[float, float] | None = None  # side light (direction a in radians, strength s), or none
 
     @property
     def geometric(self) -> bool:
@@ -382,9 +382,9 @@ def colour_sample(rgb: np.ndarray, params: AugParams) -> np.ndarray:
 
 
 def shading_sample(rgb: np.ndarray, params: AugParams) -> np.ndarray:
-    """Light from one side: the image times a gain that grows exponentially along a random direction, from
-    exp(-s) on one edge to exp(s) on the other (a low sun lights one side of a person and leaves the other
-    in shade; the render's own light comes mostly from above)."""
+    """Light from one side: the image times exp(s (x cos a + y sin a) / sqrt 2) with x, y in [-1, 1] across
+    the image (a low sun lights one side of a person and leaves the other in shade; the render's own light
+    comes mostly from above)."""
     if params.shading is None or params.shading[1] <= 0:
         return rgb
     angle, strength = params.shading

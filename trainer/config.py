@@ -98,8 +98,8 @@ class AugmentConfig:
     # shading and pattern. Off by default: it removed the cost of the shifted set's garment colours, but
     # both demo runs with it lost 9-15 points in distribution (bare arms and legs get repainted too).
     garment_p: float = 0.0
-    # Side light: the probability of an image-wide gain from exp(-s) to exp(s) along a random direction,
-    # s uniform in [0, shading]; 0 = off.
+    # Side light: the probability of an image-wide gain exp(s (x cos a + y sin a) / sqrt 2), x and y in
+    # [-1, 1] across the image, a random, s uniform in [0, shading]; 0 = off (augment.shading_sample).
     shading_p: float = 0.0
     shading: float = 0.5
 
