@@ -109,9 +109,10 @@ class ImageEncoder(nn.Module):
         self.embed = nn.Conv2d(d, cfg.embed_dim - self.id_dim, 1)
         self.who = nn.Conv2d(d, self.id_dim, 1) if self.id_dim else None
         self.seg = nn.Conv2d(d, NUM_LABELS, 1)
-        # Part colours: the mean input colour under each predicted part (skin on the hands and face, hair on
-        # the head, ...), a per-image appearance code added to every pixel's who-half; the image-side twin of
-        # the point branch's appearance shortcut. Identity lives in these colours, not in the pixel's own.
+        # Part colours: the mean input colour and its spread under each predicted part (skin on the hands
+        # and face, hair on the head, ...), a per-image appearance code added to every pixel's who-half; the
+        # image-side twin of the point branch's appearance shortcut. Identity lives in these colours, not in
+        # the pixel's own.
         self.part_colour = nn.Sequential(
             nn.Linear(NUM_LABELS * 7, d), nn.ReLU(inplace=True), nn.Linear(d, self.id_dim or cfg.embed_dim)
         )
@@ -137,7 +138,7 @@ class ImageEncoder(nn.Module):
         return factorised(self.embed(p), self.who(p) + code, self.share, 1), seg
 
     def appearance_code(self, images: Tensor, seg: Tensor) -> Tensor:
-        """(B, D): mean colour and share of each predicted part, through a small MLP."""
+        """(B, D): mean colour, colour spread and share of each predicted part, through a small MLP."""
         probs = seg.detach().float().softmax(dim=1)  # (B, 16, h, w); no gradient into the segmentation
         small = F.adaptive_avg_pool2d(images, probs.shape[-2:])  # (B, 3, h, w) in [0, 1]
         mass = probs.sum(dim=(2, 3))  # (B, 16)
