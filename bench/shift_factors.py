@@ -42,6 +42,16 @@ FACTORS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+# Parts of a factor, measured on their own too: which part of the garments or of the light costs.
+SUBFACTORS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "garment-colours": ("appearance", ("top_palette", "bottom_palette", "coat_palette")),
+    "garment-patterns": ("appearance", ("pattern_",)),
+    "warm-light": ("scene", ("sun_warmth",)),
+    "dim-low-light": ("scene", ("sun_strength", "sun_elevation", "sky_", "exposure_ev")),
+    "area-lights": ("scene", ("area_light_",)),
+}
+
+
 def factor_of(section: str, key: str) -> str:
     """The factor a shifted key belongs to; an unknown key is an error, so no change goes unattributed."""
     for name, (sec, prefixes) in FACTORS.items():
@@ -51,16 +61,22 @@ def factor_of(section: str, key: str) -> str:
 
 
 def factor_configs(train: dict, shifted: dict) -> dict[str, dict]:
-    """{'none': train, <factor>: train + that factor's shifted keys, 'all': train + every shifted key}."""
+    """{'none': train, <factor>: train + that factor's shifted keys, 'all': train + every shifted key,
+    <subfactor>: train + the subfactor's shifted keys}."""
     out = {"none": copy.deepcopy(train)}
     every = copy.deepcopy(train)
+    parts = {}
     for section, values in shifted.items():
         for key, value in values.items():
             name = factor_of(section, key)
             cfg = out.setdefault(name, copy.deepcopy(train))
             cfg.setdefault(section, {})[key] = value
             every.setdefault(section, {})[key] = value
+            for sub, (sec, prefixes) in SUBFACTORS.items():
+                if sec == section and any(key.startswith(p) for p in prefixes):
+                    parts.setdefault(sub, copy.deepcopy(train)).setdefault(section, {})[key] = value
     out["all"] = every
+    out.update(parts)
     return out
 
 
@@ -124,7 +140,9 @@ def render(rows: list, args: argparse.Namespace, demo_cfg: DemoConfig) -> str:
         f"The demo's checkpoint and gallery; {args.n} images per set of the demo's {demo_cfg.identities} "
         f"identities (seed {args.seed}, {demo_cfg.resolution}, {demo_cfg.samples} samples). Each set is "
         "configs/demo-train.yaml with only the listed keys taken from configs/demo-shifted-test.yaml; "
-        "`none` is an in-distribution reference, `all` the full shift (the test distribution, other images). "
+        "`none` is an in-distribution reference, `all` the full shift (the test distribution, other images); "
+        "the rows after `all` split the garments and the light into their parts. All sets share the seed, so "
+        "row for row they show the same people in the same poses. "
         f"Machine: {os.cpu_count()} cores, {platform.machine()}. {args.note}",
         "",
         "| set | keys taken from the shifted configuration | Rank-1 (95% interval) | part IoU |",

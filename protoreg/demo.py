@@ -45,7 +45,7 @@ class DemoConfig:
     train_samples: int = 8
     shard_size: int = 250  # at most; smaller sets are cut so that every worker gets a shard
     workers: int = 2
-    steps: int = 2100
+    steps: int = 2000
     batch_size: int = 16
 
 
@@ -353,7 +353,7 @@ def write_index(out: Path, timings: dict[str, float]) -> Path:
 )
 @click.option("--fresh", is_flag=True, help="Delete the folder first (a clean, timed run).")
 @click.option(
-    "--steps", type=click.IntRange(1), default=None, help="Training steps [default: the embedded 2100]."
+    "--steps", type=click.IntRange(1), default=None, help="Training steps [default: the embedded 2000]."
 )
 @click.option("--n-train", type=click.IntRange(1), default=None, help="Training images [default: 1500].")
 def main(out: str, fresh: bool, steps: int | None, n_train: int | None) -> None:
