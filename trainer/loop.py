@@ -332,7 +332,7 @@ def train(
         model.load_state_dict(state["model"])
     average = WeightAverage(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
     if state is not None:
-        if average is not None:
+        if average is not None and "ema" in state:  # a checkpoint from before averaging: start it here
             average.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
