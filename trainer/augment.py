@@ -392,7 +392,8 @@ def shading_sample(rgb: np.ndarray, params: AugParams) -> np.ndarray:
     ys = np.linspace(-1, 1, h, dtype=np.float32)[:, None] * np.float32(math.sin(angle))
     xs = np.linspace(-1, 1, w, dtype=np.float32)[None, :] * np.float32(math.cos(angle))
     gain = np.exp(np.float32(strength) * (xs + ys) / np.float32(math.sqrt(2)))
-    return opencv().multiply(rgb, np.repeat(gain[..., None], 3, axis=2), dtype=opencv().CV_8U)
+    cv2 = opencv()
+    return cv2.multiply(rgb, np.repeat(gain[..., None], 3, axis=2), dtype=cv2.CV_8U)
 
 
 def blur_sample(rgb: np.ndarray, params: AugParams) -> np.ndarray:

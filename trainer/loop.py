@@ -124,23 +124,23 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.
 
 class WeightAverage:
     """Exponential moving average of a model's floating-point state (weights and BatchNorm statistics): a
-    smoother model than the last step's, at one lerp per tensor and step. Integer buffers are copied."""
+    smoother model than the last step's, at one lerp per tensor and step. Integer buffers are copied.
+    The model's tensors are paired with the average's once: training and `load_state_dict` change them in
+    place, so the pairs stay valid for the whole run."""
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
         self.decay = decay
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        live = model.state_dict()
+        self.state = {k: v.detach().clone() for k, v in live.items()}
+        self._floats = [(self.state[k], v.detach()) for k, v in live.items() if v.is_floating_point()]
+        self._others = [(self.state[k], v) for k, v in live.items() if not v.is_floating_point()]
 
-    def update(self, model: torch.nn.Module, step: int) -> None:
+    def update(self, step: int) -> None:
         """Fold the weights after `step` optimiser steps into the average."""
         weight = 1.0 - min(self.decay, (1 + step) / (10 + step))
-        floats, targets = [], []
-        for k, v in model.state_dict().items():
-            if v.is_floating_point():
-                floats.append(self.state[k])
-                targets.append(v.detach())
-            else:
-                self.state[k].copy_(v)
-        torch._foreach_lerp_(floats, targets, weight)
+        torch._foreach_lerp_([a for a, _ in self._floats], [v for _, v in self._floats], weight)
+        for a, v in self._others:
+            a.copy_(v)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for k, v in state.items():
@@ -391,13 +391,9 @@ def train(
                 continue
             batch = to_device_batch(batch, device)  # uint8 -> float in [0,1], labels -> long, on the device
             images = batch["images"]
-            pts, nrm, alb, rows = batch_points(
-                bank,
-                batch["identity"],
-                device,
-                cfg.loss.extra_identities,
-                step_generator(cfg.seed, dist.rank, step, salt=0x1D5),
-            )
+            extra = cfg.loss.extra_identities
+            negatives = step_generator(cfg.seed, dist.rank, step, salt=0x1D5) if extra > 0 else None
+            pts, nrm, alb, rows = batch_points(bank, batch["identity"], device, extra, negatives)
             with autocast:
                 feats, point_emb = net(images, pts, nrm, alb)
             gen = step_generator(cfg.seed, dist.rank, step)
@@ -426,7 +422,7 @@ def train(
             scheduler.step()
             step += 1
             if average is not None:
-                average.update(model, step)
+                average.update(step)
             window_n += images.shape[0]
             bar.update(1)
             if not math.isfinite(float(terms["loss"].detach())):
