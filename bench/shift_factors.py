@@ -52,10 +52,16 @@ SUBFACTORS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+def covers(spec: tuple[str, tuple[str, ...]], section: str, key: str) -> bool:
+    """Whether a (section, key prefixes) entry of FACTORS or SUBFACTORS names this shifted key."""
+    sec, prefixes = spec
+    return sec == section and any(key.startswith(p) for p in prefixes)
+
+
 def factor_of(section: str, key: str) -> str:
     """The factor a shifted key belongs to; an unknown key is an error, so no change goes unattributed."""
-    for name, (sec, prefixes) in FACTORS.items():
-        if sec == section and any(key.startswith(p) for p in prefixes):
+    for name, spec in FACTORS.items():
+        if covers(spec, section, key):
             return name
     raise SystemExit(f"shift_factors: {section}.{key} of the shifted configuration belongs to no factor")
 
@@ -72,8 +78,8 @@ def factor_configs(train: dict, shifted: dict) -> dict[str, dict]:
             cfg = out.setdefault(name, copy.deepcopy(train))
             cfg.setdefault(section, {})[key] = value
             every.setdefault(section, {})[key] = value
-            for sub, (sec, prefixes) in SUBFACTORS.items():
-                if sec == section and any(key.startswith(p) for p in prefixes):
+            for sub, spec in SUBFACTORS.items():
+                if covers(spec, section, key):
                     parts.setdefault(sub, copy.deepcopy(train)).setdefault(section, {})[key] = value
     out["all"] = every
     out.update(parts)

@@ -120,7 +120,7 @@ def move_aside(folder: Path, why: str) -> Path:
     return stale
 
 
-def set_samples(cfg: DemoConfig, name: str) -> int:
+def render_samples(cfg: DemoConfig, name: str) -> int:
     """Cycles samples per pixel of a demo set: the training distribution's (train, val) or the test sets'."""
     return cfg.train_samples if name in ("train", "val") else cfg.samples
 
@@ -132,7 +132,7 @@ def requested_fingerprint(out: Path, cfg: DemoConfig, name: str, n: int, seed: i
     from generator.pipeline import GenRequest, resolve_inputs
 
     resolution = Resolution().convert(cfg.resolution, None, None)
-    gen = config_with_flags(CONFIGS / config, resolution, set_samples(cfg, name))
+    gen = config_with_flags(CONFIGS / config, resolution, render_samples(cfg, name))
     request = GenRequest(
         out_dir=out / name,
         n=n,
@@ -180,7 +180,7 @@ def generate(out: Path, cfg: DemoConfig, name: str, n: int, seed: int, config: s
             "--resolution",
             cfg.resolution,
             "--samples",
-            str(set_samples(cfg, name)),
+            str(render_samples(cfg, name)),
             "--shard-size",
             str(shard_size_for(n, cfg)),
             "--config",
