@@ -322,8 +322,13 @@ def test_background_replacement_repaints_only_background_pixels_and_is_seeded():
     out, out_parts, _ = run(drawn)
     again, _, _ = run(params_from_draws(u, (64, 32), cfg))
     assert np.array_equal(out, again) and np.array_equal(out_parts, parts)
-    assert (out[parts != 0] == 77).all()  # person and occluder untouched
+    inside = np.zeros_like(parts, dtype=bool)
+    inside[12:48, 10:22] = True  # the person two pixels in from its outline
+    assert (out[inside] == 77).all()  # person and occluder untouched
     assert (out[parts == 0] != 77).any(axis=-1).mean() > 0.9  # the backdrop is repainted
+    edge_in, edge_out = out[30, 8].astype(int), out[30, 7].astype(int)  # either side of the left edge
+    assert not np.array_equal(edge_in, [77, 77, 77])  # the outline mixes the new backdrop in (soft matte)...
+    assert np.abs(edge_in - 77).sum() < np.abs(edge_out - 77).sum()  # ...less inside than outside
     u[25] = 0.7  # over background_p: the render's backdrop stays
     kept, _, _ = run(params_from_draws(u, (64, 32), cfg))
     assert np.array_equal(kept, rgb)

@@ -327,12 +327,22 @@ def background_texture(seed: int, hw: tuple[int, int]) -> np.ndarray:
     return texture.copy() if mirror == 0 else opencv().flip(texture, {1: 1, 2: 0, 3: -1}[mirror])
 
 
+BACKGROUND_EDGE_SIGMA = 0.7  # pixels: the soft matte's reach across the person's outline
+
+
 def background_sample(rgb: np.ndarray, parts: np.ndarray, params: AugParams) -> np.ndarray:
-    """Repaint the background pixels (label 0) with the sample's random texture, when it drew one."""
+    """Repaint the background pixels (label 0) with the sample's random texture, when it drew one, through a
+    soft matte: along the outline the render's pixels already mix person and old backdrop, and a hard cut
+    would leave that old backdrop as a halo and a crisp edge no camera makes (a cue for finding the person
+    that a new backdrop does not have)."""
     if params.background_seed < 0:
         return rgb
+    cv2 = opencv()
     out = background_texture(params.background_seed, rgb.shape[:2])
-    return opencv().copyTo(rgb, (parts != 0).view(np.uint8), out)  # keep person and occluders
+    keep = (parts != 0).astype(np.float32)  # person and occluders
+    alpha = cv2.GaussianBlur(keep, (0, 0), BACKGROUND_EDGE_SIGMA)[..., None]
+    blended = rgb.astype(np.float32) * alpha + out.astype(np.float32) * (1.0 - alpha)
+    return (blended + 0.5).astype(np.uint8)
 
 
 def garment_sample(rgb: np.ndarray, parts: np.ndarray, params: AugParams) -> np.ndarray:
