@@ -143,7 +143,7 @@ class ImageEncoder(nn.Module):
         share = probs.sum(dim=(2, 3)) / (probs.shape[-1] * probs.shape[-2])  # (B, 16)
         # Colours are read at the input's resolution under sharpened probabilities: a 4x4 block on the
         # outline, or a pixel the segmentation is unsure of, mixes backdrop, occluder or the next part into
-        # the part's colour (a linear readout of these features on the shifted test set went from 27% to 36%)
+        # the part's colour (docs/benchmarks.md, eighth session)
         weight = F.interpolate(probs, size=images.shape[-2:], mode="bilinear", align_corners=False) ** 3
         mass = weight.sum(dim=(2, 3))
         colour = torch.einsum("bkhw,bchw->bkc", weight, images.float()) / (mass[..., None] + 1e-3)
