@@ -353,9 +353,14 @@ def write_index(out: Path, timings: dict[str, float]) -> Path:
 )
 @click.option("--fresh", is_flag=True, help="Delete the folder first (a clean, timed run).")
 @click.option(
-    "--steps", type=click.IntRange(1), default=None, help="Training steps [default: the embedded 2000]."
+    "--steps", type=click.IntRange(1), default=None, help=f"Training steps [default: {DemoConfig.steps}]."
 )
-@click.option("--n-train", type=click.IntRange(1), default=None, help="Training images [default: 1500].")
+@click.option(
+    "--n-train",
+    type=click.IntRange(1),
+    default=None,
+    help=f"Training images [default: {DemoConfig.n_train}].",
+)
 def main(out: str, fresh: bool, steps: int | None, n_train: int | None) -> None:
     """Generate, train, enroll, evaluate and explain, end to end on embedded defaults."""
     cfg = DemoConfig()
