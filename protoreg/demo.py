@@ -45,7 +45,7 @@ class DemoConfig:
     train_samples: int = 8
     shard_size: int = 250  # at most; smaller sets are cut so that every worker gets a shard
     workers: int = 2
-    steps: int = 2600
+    steps: int = 2300
     batch_size: int = 16
 
 

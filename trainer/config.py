@@ -130,7 +130,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     # Exponential moving average of the weights (and normalisation statistics), the model checkpoints give
     # to enroll, recognize and evaluate; 0 = off. The decay ramps up as min(ema_decay, (1+s)/(10+s)) so the
-    # random initialisation is forgotten within the first steps (at the demo's 2,600 steps it is 0.997).
+    # random initialisation is forgotten within the first steps (at the demo's 2,300 steps it is 0.996).
     ema_decay: float = 0.998
 
 
