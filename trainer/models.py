@@ -146,8 +146,9 @@ class ImageEncoder(nn.Module):
         # the part's colour (docs/benchmarks.md, eighth session)
         weight = F.interpolate(probs, size=images.shape[-2:], mode="bilinear", align_corners=False) ** 3
         mass = weight.sum(dim=(2, 3))
-        colour = torch.einsum("bkhw,bchw->bkc", weight, images.float()) / (mass[..., None] + 1e-3)
-        power = torch.einsum("bkhw,bchw->bkc", weight, images.float() ** 2) / (mass[..., None] + 1e-3)
+        x = images.float()
+        colour = torch.einsum("bkhw,bchw->bkc", weight, x) / (mass[..., None] + 1e-3)
+        power = torch.einsum("bkhw,bchw->bkc", weight, x * x) / (mass[..., None] + 1e-3)
         spread = (power - colour * colour).clamp_min(0).add(1e-4).sqrt()  # hair and face mixed in the head
         feats = torch.cat([(colour - 0.5) * 4, spread * 8, share[..., None] * 4], dim=-1)  # (B, 16, 7)
         return self.part_colour(feats.flatten(1))
