@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from protoreg.dataset import GARMENT_ID
 from protoreg.parts import PART_ID, SMPL_JOINT_NAMES
 
 _J = {name: i for i, name in enumerate(SMPL_JOINT_NAMES)}
@@ -499,7 +500,7 @@ class DressedBody:
     vertex_colors: np.ndarray  # (V, 3) float32 linear RGB
     roughness: np.ndarray | None = None  # (V,) float32
     shells: list[Shell] = field(default_factory=list)
-    garment_masks: dict[str, np.ndarray] = field(default_factory=dict)  # slot -> (V,) bool (diagnostics)
+    garment_masks: dict[str, np.ndarray] = field(default_factory=dict)  # slot or 'hair' -> (V,) bool
 
 
 def _numpy(x, dtype=np.float64) -> np.ndarray:
@@ -697,6 +698,17 @@ class Dresser:
             roughness=rough[src].astype(np.float32),
             name=g.slot,
         )
+
+
+def vertex_garment_labels(dressed: DressedBody, num_vertices: int) -> np.ndarray:
+    """(V,) uint8 label (protoreg.dataset.GARMENT_LABELS) of what covers each body vertex, layered as `dress`
+    paints them: skin, then bottom, top and shoes, hair last."""
+    labels = np.full(num_vertices, GARMENT_ID["skin"], np.uint8)
+    for slot in ("bottom", "top", "shoes", "hair"):
+        mask = dressed.garment_masks.get(slot)
+        if mask is not None:
+            labels[np.asarray(mask, bool)] = GARMENT_ID[slot]
+    return labels
 
 
 def apart_from_skin(color: np.ndarray, skin: np.ndarray, min_difference: float) -> np.ndarray:

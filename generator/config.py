@@ -36,8 +36,11 @@ class RenderSettings:
     filter_width: float = 1.5  # Cycles pixel filter width for the RGB image
     denoise: bool = False  # OpenImageDenoise (FAST prefilter) on the RGB image
     write_depth: bool = False  # also store depth.png (uint16 millimetres)
+    # also store garments.png: what covers each person pixel (skin, hair, top, bottom, shoes), so a trainer
+    # can recolour the clothes and nothing else
+    write_garments: bool = False
     jpeg_quality: int = 92  # quality of rgb.jpg (Pillow, 4:2:0, no optimisation: deterministic bytes)
-    png_compress_level: int = 6  # zlib level of parts.png / vid.png / depth.png
+    png_compress_level: int = 6  # zlib level of the PNG entries (parts, vid, depth, garments)
 
 
 @dataclass

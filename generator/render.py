@@ -26,6 +26,7 @@ import bpy
 import numpy as np
 from scipy.spatial import cKDTree
 
+from generator.appearance import vertex_garment_labels
 from generator.sample import RenderedSample, SampleSpec, cycles_seed
 from generator.scene import OCCLUDER_POOL_SIZE, OCCLUDER_SHAPES, list_backgrounds
 from protoreg.parts import BODY_PART_IDS, OCCLUDER
@@ -690,6 +691,37 @@ class BlenderRenderer:
             self._keep(vid, on_shell, parts, dist, idx, shell_source)
         return vid
 
+    def _garment_map(
+        self,
+        spec: SampleSpec,
+        parts: np.ndarray,
+        objects: np.ndarray,
+        world: np.ndarray,
+        shell_verts: np.ndarray,
+        shell_source: np.ndarray,
+    ) -> np.ndarray:
+        """garments.png: the label (skin, hair, top, bottom, shoes) of the body vertex nearest each person
+        pixel's surface point among those of the pixel's own part (of its 4 nearest; the nearest when none
+        is), on every person pixel (borders too: a recolouring must reach the outline), 0 elsewhere. A
+        shell pixel takes its shell vertex's source vertex."""
+        labels = vertex_garment_labels(spec.dressed, self.num_vertices)
+        out = np.zeros(parts.shape, dtype=np.uint8)
+        person = (parts >= 1) & (parts <= 14)
+        for obj, points, to_body in (
+            (OBJECT_BODY, spec.posed_vertices, None),
+            (OBJECT_SHELL, shell_verts, shell_source),
+        ):
+            mask = person & (objects == obj)
+            if not mask.any() or not len(points):
+                continue
+            tree = cKDTree(np.asarray(points, np.float64), balanced_tree=False, compact_nodes=False)
+            _, idx = tree.query(world[mask], k=min(4, len(points)))
+            body_idx = idx.reshape(len(idx), -1) if to_body is None else to_body[idx.reshape(len(idx), -1)]
+            same_part = self.vertex_parts[body_idx] == parts[mask][:, None]
+            first = np.where(same_part.any(axis=1), same_part.argmax(axis=1), 0)
+            out[mask] = labels[body_idx[np.arange(len(body_idx)), first]]
+        return out
+
     def _keep(
         self,
         vid: np.ndarray,
@@ -752,9 +784,12 @@ class BlenderRenderer:
             )
             hit = np.any(passes["Position"][..., :3] != 0.0, axis=-1)  # the sky has no position
             depth = np.where(hit, z, 0.0).astype(np.float32)
+        garments = None
+        if getattr(self.settings, "write_garments", False):
+            garments = self._garment_map(spec, parts, objects, world, shell_verts, shell_source)
         t4 = time.perf_counter()
         timings = {"update": t1 - t0, "render": t2 - t1, "read": t3 - t2, "post": t4 - t3}
-        return RenderedSample(rgb=rgb, parts=parts, vid=vid, depth=depth, timings=timings)
+        return RenderedSample(rgb=rgb, parts=parts, vid=vid, depth=depth, garments=garments, timings=timings)
 
     def close(self) -> None:
         """Free the scene's data and the temporary file (the process may keep running)."""

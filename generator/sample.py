@@ -40,6 +40,7 @@ class RenderedSample:
     parts: np.ndarray  # (H, W) uint8: 0 background, 1..14 body parts, 15 occluder
     vid: np.ndarray  # (H, W) uint16: 0 = none/unknown, else body vertex index + 1
     depth: np.ndarray | None = None  # (H, W) float32 camera-space z (m), 0 where nothing was hit
+    garments: np.ndarray | None = None  # (H, W) uint8 protoreg.dataset.GARMENT_LABELS, 0 off the person
     timings: dict[str, float] = field(default_factory=dict)  # seconds per render step (diagnostics)
 
 

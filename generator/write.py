@@ -94,6 +94,9 @@ def encode_sample(index: int, rendered: Any, metadata: dict[str, Any], settings:
     depth = getattr(rendered, "depth", None)
     if settings.write_depth and depth is not None:
         sample["depth.png"] = encode_depth(depth, settings.png_compress_level)
+    garments = getattr(rendered, "garments", None)
+    if getattr(settings, "write_garments", False) and garments is not None:
+        sample["garments.png"] = encode_png8(np.asarray(garments), settings.png_compress_level)
     return sample
 
 
@@ -427,7 +430,9 @@ def build_manifest(run: dict[str, Any], records: list[ShardRecord], prototypes_s
         "identities": run["identities"],
         "prototypes": {"file": ds.PROTOTYPES_NAME, "sha256": prototypes_sha256},
         "wids_index": ds.WIDS_INDEX_NAME,
-        "sample_entries": list(ds.SAMPLE_ENTRIES) + (["depth.png"] if render.get("write_depth") else []),
+        "sample_entries": list(ds.SAMPLE_ENTRIES)
+        + (["depth.png"] if render.get("write_depth") else [])
+        + (["garments.png"] if render.get("write_garments") else []),
         "shards": [r.to_json() for r in records],
         "totals": {
             "samples": sum(r.count for r in records),
@@ -543,7 +548,7 @@ def check_sample(sample: dict[str, Any], width: int, height: int, num_vertices: 
     if decoded["rgb.jpg"].shape != (height, width, 3):
         got = decoded["rgb.jpg"].shape
         raise ds.DatasetFormatError(f"sample {key}: rgb.jpg is {got}, expected {(height, width, 3)}")
-    for entry in ("parts.png", "vid.png") + (("depth.png",) if "depth.png" in decoded else ()):
+    for entry in ("parts.png", "vid.png") + tuple(e for e in ds.OPTIONAL_ENTRIES if e in decoded):
         if decoded[entry].shape != (height, width):
             got = decoded[entry].shape
             raise ds.DatasetFormatError(f"sample {key}: {entry} is {got}, expected {(height, width)}")
@@ -554,6 +559,9 @@ def check_sample(sample: dict[str, Any], width: int, height: int, num_vertices: 
         raise ds.DatasetFormatError(
             f"sample {key}: vid.png holds {decoded['vid.png'].max()} (body has {num_vertices} vertices)"
         )
+    if "garments.png" in decoded and decoded["garments.png"].max() >= len(ds.GARMENT_LABELS):
+        got, top = decoded["garments.png"].max(), len(ds.GARMENT_LABELS) - 1
+        raise ds.DatasetFormatError(f"sample {key}: garments.png holds {got} (expected 0-{top})")
     meta = decoded["json"]
     if not isinstance(meta, dict):
         raise ds.DatasetFormatError(f"sample {key}: json is not an object")

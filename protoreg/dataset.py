@@ -21,7 +21,7 @@ from PIL import Image
 
 from protoreg import png16
 
-FORMAT_VERSION = "1.0"  # major.minor: readers refuse a newer major, read older minors
+FORMAT_VERSION = "1.1"  # major.minor: readers refuse a newer major, read older minors
 SHARD_NAME = "shard-{:06d}.tar"
 MANIFEST_NAME = "manifest.json"
 PROTOTYPES_NAME = "prototypes.h5"
@@ -33,7 +33,12 @@ KEY_DIGITS = 9
 
 # The entries of one sample (webdataset keys without the leading dot).
 SAMPLE_ENTRIES: tuple[str, ...] = ("rgb.jpg", "parts.png", "vid.png", "json")
-OPTIONAL_ENTRIES: tuple[str, ...] = ("depth.png",)
+OPTIONAL_ENTRIES: tuple[str, ...] = ("depth.png", "garments.png")
+
+# garments.png: what covers each pixel of the person (the surface's nearest body vertex decides); 0 on
+# background and occluders. Top is worn over bottom, hair over everything, as the generator dresses them.
+GARMENT_LABELS: tuple[str, ...] = ("none", "skin", "hair", "top", "bottom", "shoes")
+GARMENT_ID: dict[str, int] = {name: i for i, name in enumerate(GARMENT_LABELS)}
 
 VID_NONE = 0  # vid.png: 0 = no body vertex, else vertex index + 1
 
@@ -228,6 +233,19 @@ def decode_parts(data: bytes) -> np.ndarray:
     return labels
 
 
+def decode_garments(data: bytes) -> np.ndarray:
+    """8-bit PNG bytes -> (H, W) uint8 garment labels (GARMENT_LABELS)."""
+    h, w, depth, colour = _png_header(data, "garments.png")
+    if depth != 8 or colour != _PNG_GREY:
+        raise DatasetFormatError(
+            f"garments.png: expected an 8-bit greyscale PNG, got bit depth {depth}, colour type {colour}"
+        )
+    labels = _spng_decode(data, "garments.png")
+    if labels.shape != (h, w) or labels.dtype != np.uint8:
+        raise DatasetFormatError(f"garments.png: decoded to {labels.shape} {labels.dtype}, expected {(h, w)}")
+    return labels
+
+
 def decode_vid(data: bytes) -> np.ndarray:
     """16-bit PNG bytes -> (H, W) int32 (0 = none, else vertex index + 1)."""
     return decode_vid_values(data).astype(np.int32)
@@ -269,6 +287,7 @@ SAFE_DECODERS = {
     "parts.png": decode_parts,
     "vid.png": decode_vid,
     "depth.png": decode_vid,
+    "garments.png": decode_garments,
     "json": decode_json,
 }
 

@@ -17,6 +17,7 @@ class FakeRendered:
     parts: np.ndarray
     vid: np.ndarray
     depth: np.ndarray | None = None
+    garments: np.ndarray | None = None
 
 
 class FakeBackend:

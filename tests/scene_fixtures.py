@@ -53,6 +53,7 @@ class FlatDressed:
     vertex_colors: np.ndarray
     roughness: np.ndarray | None = None
     shells: list[FlatShell] = field(default_factory=list)
+    garment_masks: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 SKIN = (0.55, 0.36, 0.25)
@@ -65,12 +66,13 @@ def flat_dressing(body: Any, posed: np.ndarray, normals: np.ndarray, shell: bool
     """Skin on head, lower arms and hands; a shirt, trousers and shoes; optionally a loose torso shell."""
     parts = np.asarray(body.vertex_parts)
     colors = np.tile(np.array(SKIN, np.float32), (len(parts), 1))
-    for name in ("torso", "left_upper_arm", "right_upper_arm"):
-        colors[parts == PART_ID[name]] = SHIRT
-    for name in ("left_upper_leg", "right_upper_leg", "left_lower_leg", "right_lower_leg"):
-        colors[parts == PART_ID[name]] = TROUSERS
-    for name in ("left_foot", "right_foot"):
-        colors[parts == PART_ID[name]] = SHOES
+    masks = {
+        "top": np.isin(parts, [PART_ID[n] for n in ("torso", "left_upper_arm", "right_upper_arm")]),
+        "bottom": np.isin(parts, [PART_ID[n] for n in ("left_upper_leg", "right_upper_leg")])
+        | np.isin(parts, [PART_ID[n] for n in ("left_lower_leg", "right_lower_leg")]),
+        "shoes": np.isin(parts, [PART_ID["left_foot"], PART_ID["right_foot"]]),
+    }
+    colors[masks["top"]], colors[masks["bottom"]], colors[masks["shoes"]] = SHIRT, TROUSERS, SHOES
     shells = []
     if shell:
         torso = np.flatnonzero(parts == PART_ID["torso"])
@@ -86,7 +88,7 @@ def flat_dressing(body: Any, posed: np.ndarray, normals: np.ndarray, shell: bool
                 vertex_colors=np.tile(np.array((0.5, 0.05, 0.05), np.float32), (len(torso), 1)),
             )
         )
-    return FlatDressed(vertex_colors=colors, shells=shells)
+    return FlatDressed(vertex_colors=colors, shells=shells, garment_masks=masks)
 
 
 def a_pose() -> np.ndarray:

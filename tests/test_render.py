@@ -21,7 +21,9 @@ from tests.scene_fixtures import REAL_BODY, body_path, frontal_config, load_test
 
 pytestmark = pytest.mark.slow
 
-SETTINGS = RenderSettings(width=64, height=128, samples=4, threads_per_worker=2, write_depth=True)
+SETTINGS = RenderSettings(
+    width=64, height=128, samples=4, threads_per_worker=2, write_depth=True, write_garments=True
+)
 
 _RENDERER = None
 
@@ -96,6 +98,23 @@ def interior_mask(labels: np.ndarray) -> np.ndarray:
         for dx in range(3):
             same &= p[dy : dy + h, dx : dx + w] == labels
     return same
+
+
+def test_garment_labels_cover_the_person_and_follow_the_dressed_vertices(frontal):
+    from generator.appearance import vertex_garment_labels
+    from protoreg.dataset import GARMENT_ID
+
+    spec, out = frontal
+    g = out.garments
+    assert g.shape == out.parts.shape and g.dtype == np.uint8
+    assert np.array_equal(g > 0, (out.parts >= 1) & (out.parts <= 14))  # every person pixel, borders too
+    per_vertex = vertex_garment_labels(spec.dressed, len(spec.posed_vertices))
+    seen = out.vid > 0
+    assert np.array_equal(g[seen], per_vertex[out.vid[seen].astype(np.int64) - 1])  # vid's vertex decides
+    # the flat dressing: a shirt over torso and upper arms, trousers, shoes; skin elsewhere
+    for labels, garment in (((1, 5, 6, 7, 8), "skin"), ((2, 3, 4), "top"), ((9, 10, 11, 12), "bottom")):
+        assert set(np.unique(g[np.isin(out.parts, labels)])) == {GARMENT_ID[garment]}, garment
+    assert set(np.unique(g[np.isin(out.parts, (13, 14))])) == {GARMENT_ID["shoes"]}
 
 
 def label_border_mask(labels: np.ndarray) -> np.ndarray:

@@ -368,6 +368,30 @@ def test_garment_recolouring_repaints_garment_regions_only_and_keeps_their_shadi
     assert params_from_draws(u, (64, 32), cfg).garment_tints == (None, None, None)
 
 
+def test_garment_labels_decide_what_is_recoloured_when_the_dataset_has_them():
+    from protoreg.dataset import GARMENT_ID
+    from trainer.augment import augment_sample, params_from_draws
+
+    parts = np.full((64, 32), 2, np.uint8)  # all torso...
+    garments = np.full((64, 32), GARMENT_ID["top"], np.uint8)
+    garments[:, :10] = GARMENT_ID["skin"]  # ...but a bare midriff on the left
+    garments[:, 10:16] = GARMENT_ID["hair"]  # and long hair over the shoulder
+    rgb = np.zeros((64, 32, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 150, 110, 90
+    cfg = AugmentConfig(enabled=True, garment_p=0.5, background_p=0, crop_scale=(1.0, 1.0),
+                        crop_ratio=(1.0, 1.0), brightness=0, contrast=0, saturation=0, hue=0, blur_p=0,
+                        noise_p=0, jpeg_p=0, erase_p=0)  # fmt: skip
+    u = np.full(NUM_DRAWS, 0.9)
+    u[27:31] = (0.1, 0.6, 1.0, 0.5)  # top: repainted blue
+    params = params_from_draws(u, (64, 32), cfg)
+    by_parts, _, _ = augment_sample(params, rgb, parts, parts.astype(np.int32), (64, 32))
+    by_labels, _, _ = augment_sample(params, rgb, parts, parts.astype(np.int32), (64, 32), garments)
+    assert (by_parts[..., 2] > by_parts[..., 0]).all()  # without labels the whole torso is the top
+    top = garments == GARMENT_ID["top"]
+    assert np.array_equal(by_labels[~top], rgb[~top])  # skin and hair keep their colours
+    assert np.array_equal(by_labels[top], by_parts[top])
+
+
 def test_side_light_darkens_one_side_and_lightens_the_other():
     from trainer.augment import augment_sample, params_from_draws
 

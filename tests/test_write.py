@@ -283,8 +283,11 @@ def test_encoding_is_deterministic_and_round_trips():
         parts=np.arange(64 * 32).reshape(64, 32).astype(np.uint8) % 16,
         vid=(np.arange(64 * 32).reshape(64, 32) * 31 % 65536).astype(np.uint16),
         depth=np.full((64, 32), 3.2104, np.float32),
+        garments=(np.arange(64 * 32).reshape(64, 32) % 6).astype(np.uint8),
     )
     cfg.write_depth = True
+    assert "garments.png" not in encode_sample(5, rendered, {}, cfg)  # only when asked for
+    cfg.write_garments = True
     a = encode_sample(5, rendered, {"x": np.float32(0.1), "y": (1, 2)}, cfg)
     b = encode_sample(5, rendered, {"y": [1, 2], "x": np.float32(0.1)}, cfg)
     assert a == b and a["__key__"] == "000000005"
@@ -292,6 +295,7 @@ def test_encoding_is_deterministic_and_round_trips():
     assert np.array_equal(ds.decode_vid(a["vid.png"]), rendered.vid)
     assert np.array_equal(ds.decode_parts(a["parts.png"]), rendered.parts)
     assert ds.decode_vid(a["depth.png"]).max() == 3210  # millimetres
+    assert np.array_equal(ds.decode_garments(a["garments.png"]), rendered.garments)
     with pytest.raises(ValueError, match="0..65535"):
         encode_png16(np.array([[70000]]), 6)
     with pytest.raises(ValueError, match="rgb shape"):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from protoreg.dataset import opencv
+from protoreg.dataset import GARMENT_ID, opencv
 from protoreg.parts import OCCLUDER
 from trainer.config import AugmentConfig
 
@@ -175,12 +175,17 @@ def params_from_draws(u: np.ndarray, out_hw: tuple[int, int], cfg: AugmentConfig
     )
 
 
-# Parts a garment usually covers, by garment: top (torso, upper arms), bottom (legs), shoes (feet). The head,
-# lower arms and hands keep their colours: skin and hair are identity; garments are not.
+# The garments recoloured, each with its own tint: top, bottom, shoes. Where the dataset has garments.png
+# (render.write_garments) its labels say exactly which pixels each one covers; without it, the parts a
+# garment usually covers stand in: top (torso, upper arms), bottom (legs), shoes (feet), which also repaints
+# bare arms and legs. Skin and hair are identity; garments are not.
 GARMENT_REGIONS: tuple[tuple[int, ...], ...] = ((2, 3, 4), (9, 10, 11, 12), (13, 14))
-_GARMENT_LUT = np.zeros(256, np.uint8)  # part label -> 1 + its garment region (0: none)
+GARMENT_SLOTS: tuple[int, ...] = (GARMENT_ID["top"], GARMENT_ID["bottom"], GARMENT_ID["shoes"])
+_PART_REGION_LUT = np.zeros(256, np.uint8)  # part label -> 1 + its garment region (0: none)
+_GARMENT_REGION_LUT = np.zeros(256, np.uint8)  # garments.png label -> 1 + its garment region (0: none)
 for _g, _region in enumerate(GARMENT_REGIONS):
-    _GARMENT_LUT[list(_region)] = _g + 1
+    _PART_REGION_LUT[list(_region)] = _g + 1
+    _GARMENT_REGION_LUT[GARMENT_SLOTS[_g]] = _g + 1
 
 
 def garment_tint(u: list[float]) -> tuple[float, float, float, float]:
@@ -345,15 +350,18 @@ def background_sample(rgb: np.ndarray, parts: np.ndarray, params: AugParams) -> 
     return (blended + 0.5).astype(np.uint8)
 
 
-def garment_sample(rgb: np.ndarray, parts: np.ndarray, params: AugParams) -> np.ndarray:
-    """Repaint the garment regions that drew a tint: each pixel keeps its luminance (times the gain: folds,
+def garment_sample(
+    rgb: np.ndarray, parts: np.ndarray, params: AugParams, garments: np.ndarray | None = None
+) -> np.ndarray:
+    """Repaint the garments that drew a tint: each pixel keeps its luminance (times the gain: folds,
     stripes and shading stay) in the tint's colour, so the muted training garments also appear bright,
-    pastel or saturated and garment colour stops being a cue the identity can lean on. One rank-1 colour
-    matrix (tint x grey) per region through OpenCV, copied in under the region's mask."""
+    pastel or saturated and garment colour stops being a cue the identity can lean on. Regions from the
+    garments.png labels when given, else from the parts (GARMENT_REGIONS). One rank-1 colour matrix
+    (tint x grey) per region through OpenCV, copied in under the region's mask."""
     if not any(params.garment_tints):
         return rgb
     cv2 = opencv()
-    regions = _GARMENT_LUT[parts]
+    regions = _PART_REGION_LUT[parts] if garments is None else _GARMENT_REGION_LUT[garments]
     out = rgb.copy()
     for g, tint in enumerate(params.garment_tints):
         if tint is None:
@@ -429,15 +437,21 @@ def fit_sample(
 
 
 def augment_sample(
-    params: AugParams, rgb: np.ndarray, parts: np.ndarray, vid: np.ndarray, out_hw: tuple[int, int]
+    params: AugParams,
+    rgb: np.ndarray,
+    parts: np.ndarray,
+    vid: np.ndarray,
+    out_hw: tuple[int, int],
+    garments: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The whole augmentation of one sample: fit + random resized crop to out_hw, background replacement
-    and JPEG re-compression when drawn, colour jitter and blur (sets params.mean_gray), noise and erasing
-    (the box labelled occluder, or its pixels' `valid` from params.erase, see `erase_mask`). Never changes
-    its inputs."""
+    """The whole augmentation of one sample: garment recolouring when drawn (at the source's size, where
+    `garments`, the sample's garments.png labels if it has them, lies), fit + random resized crop to out_hw,
+    background replacement and JPEG re-compression when drawn, colour jitter and blur (sets
+    params.mean_gray), noise and erasing (the box labelled occluder, or its pixels' `valid` from
+    params.erase, see `erase_mask`). Never changes its inputs."""
     source = rgb
+    rgb = garment_sample(rgb, parts, params, garments)
     rgb, parts, vid = crop_sample(rgb, parts, vid, params, out_hw)
-    rgb = garment_sample(rgb, parts, params)
     rgb = background_sample(rgb, parts, params)
     if params.jpeg_quality:
         rgb = jpeg_roundtrip(rgb, params.jpeg_quality)

@@ -537,7 +537,12 @@ def decode_and_augment(raw: dict[str, Any], params: AugParams, out_hw: tuple[int
     """Decode and run the whole augmentation with the sample's parameters (`valid` follows from its erase
     box when packed); raises on a corrupt sample."""
     rgb, parts, vid, meta = decode_training_entries(raw)
-    rgb, parts, vid = augment_sample(params, rgb, parts, vid, out_hw)
+    garments = None
+    if "garments.png" in raw and any(params.garment_tints):
+        garments = ds.decode_entry("garments.png", raw["garments.png"])
+        if garments.shape != parts.shape:
+            raise ds.DatasetFormatError(f"sample {raw['__key__']}: garments.png size differs from parts.png")
+    rgb, parts, vid = augment_sample(params, rgb, parts, vid, out_hw, garments)
     return {
         "rgb": rgb,
         "parts": parts,
