@@ -33,10 +33,6 @@ class ModelConfig:
     identity_share: float = 0.5
     widths: tuple[int, ...] = (16, 24, 48, 64)  # image encoder channels at strides 2, 4, 8, 16
     decoder_width: int = 32  # channels of the stride-4 decoder
-    # Part segmentation refined at stride 2 (the stem's features added to the decoder's): at 64x128 an upper
-    # arm is 3-4 pixels wide, under one stride-4 cell. Its logits feed the loss and the part colours; the
-    # stride-4 logits that recognition reads are their 2x2 average. 0 = segment at stride 4 only.
-    fine_seg_width: int = 0
     point_widths: tuple[int, ...] = (32, 64, 64)  # edge-conv layer widths of the point encoder
     point_global: int = 128  # width of the point set's global (identity-level) descriptor
     # Anchor readout of the who-half: K fixed places on the body (farthest-point samples of the training

@@ -171,11 +171,10 @@ def target_points(pix: PixelSample, vertex_to_point: Tensor | None, point_index:
 
 
 def segmentation_loss(feats: ImageFeatures, parts: Tensor, valid: Tensor, balance: float = 0.0) -> Tensor:
-    """(c) CE at full resolution (the finest logits upsampled bilinearly); erased pixels ignored. `balance`
-    b weights each class by (its pixels in the batch)^-b: with b = 0 the background and torso outweigh a
-    hand a hundred to one and the arms, hands and feet are never predicted."""
-    logits = feats.seg_logits if feats.fine_seg_logits is None else feats.fine_seg_logits
-    logits = F.interpolate(logits, size=parts.shape[-2:], mode="bilinear", align_corners=False)
+    """(c) CE at full resolution (logits upsampled bilinearly); erased pixels ignored. `balance` b weights
+    each class by (its pixels in the batch)^-b: with b = 0 the background and torso outweigh a hand a
+    hundred to one and the arms, hands and feet are never predicted."""
+    logits = F.interpolate(feats.seg_logits, size=parts.shape[-2:], mode="bilinear", align_corners=False)
     target = parts.masked_fill(~valid, IGNORE)
     weight = None
     if balance > 0:

@@ -46,7 +46,6 @@ class ImageFeatures:
     embeddings: Tensor  # (B, D, h, w) L2-normalised over D
     seg_logits: Tensor  # (B, 16, h, w)
     stride: int  # input pixels per feature cell
-    fine_seg_logits: Tensor | None = None  # (B, 16, 2h, 2w) at stride/2 when model.fine_seg_width > 0
 
 
 def factorised(where: Tensor, who: Tensor | None, share: float, dim: int) -> Tensor:
@@ -109,8 +108,7 @@ class ImageEncoder(nn.Module):
         self.id_dim, self.share = identity_dims(cfg), cfg.identity_share
         self.embed = nn.Conv2d(d, cfg.embed_dim - self.id_dim, 1)
         self.who = nn.Conv2d(d, self.id_dim, 1) if self.id_dim else None
-        self.fine = FineSegmentation(w[0], d, cfg.fine_seg_width) if cfg.fine_seg_width > 0 else None
-        self.seg = None if self.fine is not None else nn.Conv2d(d, NUM_LABELS, 1)
+        self.seg = nn.Conv2d(d, NUM_LABELS, 1)
         # Part colours: the mean input colour and its spread under each predicted part (skin on the hands
         # and face, hair on the head, ...), a per-image appearance code added to every pixel's who-half; the
         # image-side twin of the point branch's appearance shortcut. Identity lives in these colours, not in
@@ -121,11 +119,9 @@ class ImageEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Embeddings and part logits at stride 4, and the stride-2 logits when the fine head is on."""
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         x = (images - self.mean) / self.std
-        c0 = self.stem(x)  # stride 2
-        c1 = self.stage1(c0)  # stride 4
+        c1 = self.stage1(self.stem(x))  # stride 4
         c2 = self.stage2(c1)  # stride 8
         c3 = self.stage3(c2)  # stride 16
         attn = self.pool(c3).flatten(2).float().softmax(dim=-1)  # (B, 1, hw)
@@ -135,12 +131,11 @@ class ImageEncoder(nn.Module):
         p = F.interpolate(p, size=c2.shape[-2:], mode="nearest") + self.lat2(c2)
         p = F.interpolate(p, size=c1.shape[-2:], mode="nearest") + self.lat1(c1)
         p = self.fuse(p)
-        fine = None if self.fine is None else self.fine(p, c0)
-        seg = self.seg(p) if fine is None else F.avg_pool2d(fine, 2)
-        code = self.appearance_code(images, seg if fine is None else fine)[:, :, None, None]
+        seg = self.seg(p)
+        code = self.appearance_code(images, seg)[:, :, None, None]
         if self.who is None:
-            return factorised(self.embed(p) + code, None, 0.0, 1), seg, fine
-        return factorised(self.embed(p), self.who(p) + code, self.share, 1), seg, fine
+            return factorised(self.embed(p) + code, None, 0.0, 1), seg
+        return factorised(self.embed(p), self.who(p) + code, self.share, 1), seg
 
     def appearance_code(self, images: Tensor, seg: Tensor) -> Tensor:
         """(B, D): mean colour, colour spread and share of each predicted part, through a small MLP."""
@@ -157,22 +152,6 @@ class ImageEncoder(nn.Module):
         spread = (power - colour * colour).clamp_min(0).add(1e-4).sqrt()  # hair and face mixed in the head
         feats = torch.cat([(colour - 0.5) * 4, spread * 8, share[..., None] * 4], dim=-1)  # (B, 16, 7)
         return self.part_colour(feats.flatten(1))
-
-
-class FineSegmentation(nn.Module):
-    """Part logits at stride 2: the decoder's stride-4 features, upsampled, plus the stem's (edges, thin
-    limbs), through one 3x3 layer."""
-
-    def __init__(self, stem_width: int, decoder_width: int, width: int) -> None:
-        super().__init__()
-        self.coarse = nn.Conv2d(decoder_width, width, 1)
-        self.lateral = nn.Conv2d(stem_width, width, 1)
-        self.refine = conv_bn(width, width)
-        self.out = nn.Conv2d(width, NUM_LABELS, 1)
-
-    def forward(self, decoded: Tensor, stem: Tensor) -> Tensor:
-        up = F.interpolate(self.coarse(decoded), size=stem.shape[-2:], mode="bilinear", align_corners=False)
-        return self.out(self.refine(up + self.lateral(stem)))
 
 
 def knn_graph(points: Tensor, k: int) -> Tensor:
@@ -374,9 +353,8 @@ class RegistrationNet(nn.Module):
         """images (B,3,H,W) float in [0,1] -> ImageFeatures at stride 4."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"encode_image: expected (B,3,H,W) images, got {tuple(images.shape)}")
-        emb, seg, fine = self.image_encoder(images.contiguous(memory_format=torch.channels_last))
-        fine = None if fine is None else fine.float()
-        return ImageFeatures(F.normalize(emb.float(), dim=1), seg.float(), self.stride, fine)
+        emb, seg = self.image_encoder(images.contiguous(memory_format=torch.channels_last))
+        return ImageFeatures(F.normalize(emb.float(), dim=1), seg.float(), self.stride)
 
     def set_anchors(self, mean_points: Tensor) -> None:
         """Place the who-half's shape anchors on the (N, 3) mean training prototype (no-op when off)."""
