@@ -98,6 +98,33 @@ def test_batch_tensors_have_the_documented_types(fake_ds):
     assert empty["images"].shape[0] == 0 and empty["parts"].dtype == torch.uint8 and empty["skipped"] == 4
 
 
+def test_garment_labels_follow_the_crop_and_erasing_and_ride_in_the_batch():
+    from protoreg.dataset import GARMENT_ID
+    from trainer.augment import augment_garments, augment_sample, params_from_draws
+
+    parts = np.zeros((128, 64), np.uint8)
+    parts[20:110, 16:48] = 2
+    garments = np.where(parts > 0, GARMENT_ID["top"], GARMENT_ID["none"]).astype(np.uint8)
+    cfg = AugmentConfig(enabled=True, crop_scale=(0.6, 0.6), erase_p=1.0, background_p=0, garment_p=0)
+    params = params_from_draws(np.full(NUM_DRAWS, 0.3), (64, 32), cfg)
+    assert params.erase is not None and params.box != (0.0, 0.0, 1.0, 1.0)
+    rgb = np.zeros((128, 64, 3), np.uint8)
+    _, out_parts, _ = augment_sample(params, rgb, parts, parts.astype(np.int32), (64, 32))
+    out = augment_garments(garments, params, (64, 32))
+    assert out.shape == (64, 32)
+    assert np.array_equal(out == GARMENT_ID["top"], (out_parts >= 1) & (out_parts <= 14))  # same pixels
+    y0, x0, eh, ew = params.erase
+    assert (out[y0 : y0 + eh, x0 : x0 + ew] == GARMENT_ID["none"]).all()  # erased: an occluder
+    item = {"rgb": np.zeros((64, 32, 3), np.uint8), "parts": out_parts, "vid": np.zeros((64, 32), np.uint16),
+            "aug": params, "identity": 0, "key": "0", "url": "u"}  # fmt: skip
+    batch = collate([{**item, "garments": out}, {**item, "garments": None}], [0, 1], 0, 0)
+    assert torch.equal(batch["parts"][0], torch.from_numpy(out_parts))  # the part labels as they were
+    assert torch.equal(batch["parts"][1], torch.from_numpy(out_parts))
+    assert torch.equal(batch["garments"][0], torch.from_numpy(out) + 1)  # label + 1 ...
+    assert int(batch["garments"][1].max()) == 0  # ... and 0 where a sample has no garments.png
+    assert to_device_batch(batch, "cpu")["garments"].dtype == torch.long
+
+
 def test_device_conversion_keeps_16_bit_vertex_ids_and_scales_images():
     """vid crosses to the device as its bits in int16: ids above 32767 must come back unchanged."""
     vid = torch.tensor([[[0, 1, 32767, 32768, 65535]]], dtype=torch.int32).to(torch.uint16)

@@ -19,6 +19,7 @@ from trainer.losses import (
     contrastive_loss,
     dense_loss,
     identity_loss,
+    material_loss,
     sample_pixels,
     segmentation_loss,
     similarity_logits,
@@ -140,6 +141,37 @@ def test_spread_loss_is_lowest_for_prototypes_far_apart_on_the_sphere():
     assert torch.allclose(spread_loss(apart, 2), torch.tensor(-8.0))
     assert torch.allclose(spread_loss(close, 2), torch.tensor(-2 * 0.4))
     assert float(spread_loss(apart[:1], 2)) == 0.0 and float(spread_loss(apart, 0)) == 0.0
+
+
+def test_material_loss_counts_only_pixels_with_known_garment_labels():
+    garments = torch.zeros(2, 4, 4, dtype=torch.long)  # the batch's label + 1; 0 = the sample has none
+    garments[0] = 1 + 1  # image 0: all skin
+    garments[0, 0, :2] = 1 + 3  # two top pixels
+    logits = torch.zeros(2, 6, 4, 4)
+    logits[:, 1] = 3.0  # everything called skin
+    feats = ImageFeatures(torch.zeros(2, 2, 4, 4), torch.zeros(2, 16, 4, 4), 1, logits)
+    valid = torch.ones(2, 4, 4, dtype=torch.bool)
+    valid[0, 3, 3] = False  # an erased pixel does not count either
+    ce = torch.nn.functional.cross_entropy
+    right = ce(logits[0, :, 1, 1][None], torch.tensor([1]))
+    wrong = ce(logits[0, :, 0, 0][None], torch.tensor([3]))
+    assert torch.allclose(material_loss(feats, garments, valid), (13 * right + 2 * wrong) / 15)
+    assert float(material_loss(feats, torch.zeros_like(garments), valid)) == 0.0  # no labels: no loss
+    plain = ImageFeatures(feats.embeddings, feats.seg_logits, 1)
+    assert float(material_loss(plain, garments, valid)) == 0.0  # no material head: no loss
+
+
+def test_material_head_adds_its_logits_and_feeds_the_colour_code():
+    torch.manual_seed(0)
+    model = RegistrationNet(ModelConfig(material_head=True)).eval()
+    images = torch.rand(2, 3, 128, 64)
+    feats = model.encode_image(images)
+    assert feats.material_logits.shape == (2, 6, 32, 16) and feats.seg_logits.shape == (2, 16, 32, 16)
+    assert model.image_encoder.part_colour[0].in_features == (16 + 6) * 7
+    with torch.no_grad():  # the code reads the material masks: changing them changes the embeddings
+        model.image_encoder.material.bias[1] += 5.0
+    assert not torch.allclose(model.encode_image(images).embeddings, feats.embeddings)
+    assert RegistrationNet().encode_image(images).material_logits is None
 
 
 def test_balanced_segmentation_loss_weighs_a_rare_part_like_a_common_one():

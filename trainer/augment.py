@@ -236,14 +236,21 @@ def resize_labels(labels: np.ndarray, box: tuple[int, int, int, int], out_hw: tu
     return cv2.resize(roi, (ow, oh), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
+def sample_box(
+    params: AugParams, src_hw: tuple[int, int], out_hw: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """The source pixels a sample's output shows: the fit to out_hw's aspect ratio, then its random crop."""
+    fx, fy, fw, fh = crop_box(None, src_hw, out_hw, None)
+    bx, by, bw, bh = params.box
+    return pixel_box((fx + bx * fw, fy + by * fh, bw * fw, bh * fh), src_hw)
+
+
 def crop_sample(
     rgb: np.ndarray, parts: np.ndarray, vid: np.ndarray, params: AugParams, out_hw: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fit to out_hw (largest centred crop of its aspect ratio) and the random resized crop in one
     resample. A flipped sample gets mirrored part ids and no vertex ids."""
-    fx, fy, fw, fh = crop_box(None, parts.shape, out_hw, None)
-    bx, by, bw, bh = params.box
-    box = pixel_box((fx + bx * fw, fy + by * fh, bw * fw, bh * fh), parts.shape)
+    box = sample_box(params, parts.shape, out_hw)
     rgb = resize_rgb(rgb, box, out_hw)
     parts = resize_labels(parts, box, out_hw)
     vid = resize_labels(vid, box, out_hw)
@@ -465,6 +472,19 @@ def augment_sample(
         rgb = rgb.copy()  # erasing paints in place; the caller's image stays as it was
     parts, vid = erase_labels(parts, vid, params)
     return erase_sample(rgb, params), parts, vid
+
+
+def augment_garments(garments: np.ndarray, params: AugParams, out_hw: tuple[int, int]) -> np.ndarray:
+    """A sample's garments.png labels through the crop, flip and erasing its part labels get (an erased box
+    labelled occluder is off the person: "none")."""
+    out = resize_labels(garments, sample_box(params, garments.shape, out_hw), out_hw)
+    if params.flip:
+        out = np.ascontiguousarray(out[:, ::-1])
+    if params.erase is not None and params.erase_occluder:
+        y0, x0, eh, ew = params.erase
+        out = out.copy() if np.may_share_memory(out, garments) else out
+        out[y0 : y0 + eh, x0 : x0 + ew] = GARMENT_ID["none"]
+    return out
 
 
 def erase_labels(parts: np.ndarray, vid: np.ndarray, params: AugParams) -> tuple[np.ndarray, np.ndarray]:

@@ -33,6 +33,10 @@ class ModelConfig:
     identity_share: float = 0.5
     widths: tuple[int, ...] = (16, 24, 48, 64)  # image encoder channels at strides 2, 4, 8, 16
     decoder_width: int = 32  # channels of the stride-4 decoder
+    # A second segmentation head: what covers each pixel (none, skin, hair, top, bottom, shoes; learnt from
+    # garments.png), whose masks add skin and hair colours to the part-colour code: skin tone is read from
+    # the face, arms, hands and bare legs together, not from the few pixels of a predicted hand.
+    material_head: bool = False
     point_widths: tuple[int, ...] = (32, 64, 64)  # edge-conv layer widths of the point encoder
     point_global: int = 128  # width of the point set's global (identity-level) descriptor
     # Anchor readout of the who-half: K fixed places on the body (farthest-point samples of the training
@@ -112,6 +116,9 @@ class LossConfig:
     w_seg: float = 1.0  # (c) part segmentation cross-entropy
     seg_balance: float = 0.5  # class weights of (c): (pixels of the class in the batch)^-seg_balance
     w_spread: float = 1.0  # (d) uniformity of the prototypes' who-halves on the sphere
+    # (e) cross-entropy of the material head (model.material_head) against garments.png, class-balanced
+    # like (c); images without garments.png do not count
+    w_material: float = 1.0
     # Prototypes of identities absent from the batch added to every step as negatives of (a), (a') and (d):
     # all of them when the training set has at most this many others, else a random draw of this many.
     extra_identities: int = 0

@@ -39,7 +39,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
 from protoreg import dataset as ds
-from trainer.augment import NUM_DRAWS, AugParams, augment_sample, erase_mask, fit_sample, params_from_draws
+from trainer.augment import (
+    NUM_DRAWS,
+    AugParams,
+    augment_garments,
+    augment_sample,
+    erase_mask,
+    fit_sample,
+    params_from_draws,
+)
 from trainer.config import AugmentConfig
 
 REQUIRED = ds.SAMPLE_ENTRIES
@@ -538,15 +546,17 @@ def decode_and_augment(raw: dict[str, Any], params: AugParams, out_hw: tuple[int
     box when packed); raises on a corrupt sample."""
     rgb, parts, vid, meta = decode_training_entries(raw)
     garments = None
-    if "garments.png" in raw and any(params.garment_tints):
+    if "garments.png" in raw:
         garments = ds.decode_entry("garments.png", raw["garments.png"])
         if garments.shape != parts.shape:
             raise ds.DatasetFormatError(f"sample {raw['__key__']}: garments.png size differs from parts.png")
-    rgb, parts, vid = augment_sample(params, rgb, parts, vid, out_hw, garments)
+    source_garments = garments if any(params.garment_tints) else None
+    rgb, parts, vid = augment_sample(params, rgb, parts, vid, out_hw, source_garments)
     return {
         "rgb": rgb,
         "parts": parts,
         "vid": vid,
+        "garments": None if garments is None else augment_garments(garments, params, out_hw),
         "aug": params,
         "identity": identity_of(meta),
         "key": str(raw["__key__"]),
@@ -647,6 +657,9 @@ def pack_batch(
             if cv2.split(it["rgb"], planes)[0].ctypes.data != planes[0].ctypes.data:
                 rgb[i] = it["rgb"].transpose(2, 0, 1)  # OpenCV declined the views: plain copy
         np.stack([it["parts"] for it in items], out=parts)
+        for i, it in enumerate(items):  # garments.png labels ride in the high bits of parts (0: none known)
+            if it.get("garments") is not None:
+                parts[i] |= (it["garments"] + 1) << 4
         np.stack([it["vid"] for it in items], out=vid, casting="unsafe")  # 16-bit PNG values (int32 ok)
         for i, it in enumerate(items):
             erase_mask(valid[i], it["aug"])
@@ -672,9 +685,12 @@ def unpack_batch(packed: dict[str, Any]) -> dict[str, Any]:
     nbytes = packed_bytes(b, packed["hw"])
     own = np.array(packed["buffer"].numpy()[:nbytes])  # numpy's copy: a plain memcpy, this thread only
     rgb, parts, vid, valid = (torch.from_numpy(a) for a in packed_views(own, b, packed["hw"]))
+    garments = parts >> 4  # garments.png label + 1, 0 where the sample has none (pack_batch)
+    parts &= 15
     return {
         "images": rgb,
         "parts": parts,
+        "garments": garments,
         "vid": vid,
         "valid": valid,
         "identity": torch.tensor(packed["identity"], dtype=torch.long),
@@ -706,6 +722,7 @@ def to_device_batch(batch: dict[str, Any], device: torch.device | str) -> dict[s
         "parts": batch["parts"].to(device, non_blocking=True).long(),
         "vid": vid,
         "valid": batch["valid"].to(device, non_blocking=True),
+        **({"garments": batch["garments"].to(device).long()} if "garments" in batch else {}),
     }
 
 

@@ -44,7 +44,7 @@ from trainer.data import (
 from trainer.losses import registration_losses
 from trainer.models import RegistrationNet, count_parameters, identity_dims, knn_graph
 
-LOSS_TERMS = ("loss", "contrast", "identity", "dense", "seg", "spread")
+LOSS_TERMS = ("loss", "contrast", "identity", "dense", "seg", "spread", "material")
 METRIC_FIELDS = [
     "step",
     *LOSS_TERMS,
@@ -413,6 +413,7 @@ def train(
                 bank.vertex_to_point,
                 idx,
                 who_dims,
+                batch.get("garments"),
             )
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()

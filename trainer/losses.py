@@ -183,6 +183,26 @@ def segmentation_loss(feats: ImageFeatures, parts: Tensor, valid: Tensor, balanc
     return F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE)
 
 
+def material_loss(
+    feats: ImageFeatures, garments: Tensor | None, valid: Tensor, balance: float = 0.0
+) -> Tensor:
+    """(e) CE of the material head at full resolution against the garments.png labels (the batch carries
+    label + 1, 0 where a sample has none: those pixels and erased ones are ignored), class-weighted as (c)."""
+    if feats.material_logits is None or garments is None:
+        return feats.seg_logits.sum() * 0
+    size = garments.shape[-2:]
+    logits = F.interpolate(feats.material_logits, size=size, mode="bilinear", align_corners=False)
+    known = valid & (garments > 0)
+    target = (garments - 1).masked_fill(~known, IGNORE)
+    if not bool(known.any()):
+        return logits.sum() * 0
+    weight = None
+    if balance > 0:
+        counts = torch.bincount((garments[known] - 1).reshape(-1), minlength=logits.shape[1]).float()
+        weight = (counts + 1).pow(-balance)
+    return F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE)
+
+
 def spread_loss(point_emb: Tensor, identity_dim: int) -> Tensor:
     """(d) Uniformity of the prototypes' who-halves (Wang & Isola 2020): log mean exp(-2 |w_i - w_j|^2) over
     pairs of the batch's prototypes. The pixel terms only ask a pixel to prefer its own prototype, which
@@ -212,12 +232,14 @@ def registration_losses(
     vertex_to_point: Tensor | None = None,
     point_index: Tensor | None = None,
     identity_dim: int = 0,
+    garments: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """All terms and their weighted sum ('loss').
 
     point_emb / point_xyz (P,N,D)/(P,N,3) and point_parts (N,) are the points used this step (bank points
     `point_index`, all when None); sample_rows (B,) = point set of each image's identity; identity_dim =
-    the size of the embeddings' who-half (`models.identity_dims`), which (d) spreads (0: no spread term).
+    the size of the embeddings' who-half (`models.identity_dims`), which (d) spreads (0: no spread term);
+    garments = the batch's garments.png labels + 1 (0: none), for (e).
     """
     pix = sample_pixels(feats, parts, vid, valid, cfg.pixels_per_batch, generator)
     rows = sample_rows[pix.batch]
@@ -233,7 +255,9 @@ def registration_losses(
         lc = li = ld = zero
     ls = segmentation_loss(feats, parts, valid, cfg.seg_balance)
     lu = spread_loss(point_emb, identity_dim) if cfg.w_spread > 0 else zero
+    lm = material_loss(feats, garments, valid, cfg.seg_balance) if cfg.w_material > 0 else zero
     total = cfg.w_contrast * lc + cfg.w_identity * li + cfg.w_dense * ld + cfg.w_seg * ls + cfg.w_spread * lu
+    total = total + cfg.w_material * lm
     return {
         "loss": total,
         "contrast": lc,
@@ -241,5 +265,6 @@ def registration_losses(
         "dense": ld,
         "seg": ls,
         "spread": lu,
+        "material": lm,
         "pixels": torch.tensor(float(len(rows))),
     }

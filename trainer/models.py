@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from protoreg.dataset import GARMENT_LABELS
 from protoreg.parts import NUM_LABELS
 from trainer.config import ModelConfig
 
@@ -46,6 +47,7 @@ class ImageFeatures:
     embeddings: Tensor  # (B, D, h, w) L2-normalised over D
     seg_logits: Tensor  # (B, 16, h, w)
     stride: int  # input pixels per feature cell
+    material_logits: Tensor | None = None  # (B, 6, h, w): GARMENT_LABELS, when model.material_head
 
 
 def factorised(where: Tensor, who: Tensor | None, share: float, dim: int) -> Tensor:
@@ -109,17 +111,19 @@ class ImageEncoder(nn.Module):
         self.embed = nn.Conv2d(d, cfg.embed_dim - self.id_dim, 1)
         self.who = nn.Conv2d(d, self.id_dim, 1) if self.id_dim else None
         self.seg = nn.Conv2d(d, NUM_LABELS, 1)
+        self.material = nn.Conv2d(d, len(GARMENT_LABELS), 1) if cfg.material_head else None
+        colour_inputs = NUM_LABELS + (len(GARMENT_LABELS) if cfg.material_head else 0)
         # Part colours: the mean input colour and its spread under each predicted part (skin on the hands
         # and face, hair on the head, ...), a per-image appearance code added to every pixel's who-half; the
         # image-side twin of the point branch's appearance shortcut. Identity lives in these colours, not in
         # the pixel's own.
         self.part_colour = nn.Sequential(
-            nn.Linear(NUM_LABELS * 7, d), nn.ReLU(inplace=True), nn.Linear(d, self.id_dim or cfg.embed_dim)
+            nn.Linear(colour_inputs * 7, d), nn.ReLU(inplace=True), nn.Linear(d, self.id_dim or cfg.embed_dim)
         )
         self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         x = (images - self.mean) / self.std
         c1 = self.stage1(self.stem(x))  # stride 4
         c2 = self.stage2(c1)  # stride 8
@@ -132,14 +136,20 @@ class ImageEncoder(nn.Module):
         p = F.interpolate(p, size=c1.shape[-2:], mode="nearest") + self.lat1(c1)
         p = self.fuse(p)
         seg = self.seg(p)
-        code = self.appearance_code(images, seg)[:, :, None, None]
+        material = None if self.material is None else self.material(p)
+        code = self.appearance_code(images, seg if material is None else torch.cat([seg, material], 1))
+        code = code[:, :, None, None]
         if self.who is None:
-            return factorised(self.embed(p) + code, None, 0.0, 1), seg
-        return factorised(self.embed(p), self.who(p) + code, self.share, 1), seg
+            return factorised(self.embed(p) + code, None, 0.0, 1), seg, material
+        return factorised(self.embed(p), self.who(p) + code, self.share, 1), seg, material
 
-    def appearance_code(self, images: Tensor, seg: Tensor) -> Tensor:
-        """(B, D): mean colour, colour spread and share of each predicted part, through a small MLP."""
-        probs = seg.detach().float().softmax(dim=1)  # (B, 16, h, w); no gradient into the segmentation
+    def appearance_code(self, images: Tensor, logits: Tensor) -> Tensor:
+        """(B, D): mean colour, colour spread and share under each predicted part (and material, with the
+        material head: each head's softmax on its own channels), through a small MLP."""
+        logits = logits.detach().float()  # no gradient into the segmentation
+        probs = logits[:, :NUM_LABELS].softmax(dim=1)  # (B, 16, h, w)
+        if logits.shape[1] > NUM_LABELS:
+            probs = torch.cat([probs, logits[:, NUM_LABELS:].softmax(dim=1)], dim=1)
         share = probs.sum(dim=(2, 3)) / (probs.shape[-1] * probs.shape[-2])  # (B, 16)
         # Colours are read at the input's resolution under sharpened probabilities: a 4x4 block on the
         # outline, or a pixel the segmentation is unsure of, mixes backdrop, occluder or the next part into
@@ -353,8 +363,9 @@ class RegistrationNet(nn.Module):
         """images (B,3,H,W) float in [0,1] -> ImageFeatures at stride 4."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"encode_image: expected (B,3,H,W) images, got {tuple(images.shape)}")
-        emb, seg = self.image_encoder(images.contiguous(memory_format=torch.channels_last))
-        return ImageFeatures(F.normalize(emb.float(), dim=1), seg.float(), self.stride)
+        emb, seg, material = self.image_encoder(images.contiguous(memory_format=torch.channels_last))
+        material = None if material is None else material.float()
+        return ImageFeatures(F.normalize(emb.float(), dim=1), seg.float(), self.stride, material)
 
     def set_anchors(self, mean_points: Tensor) -> None:
         """Place the who-half's shape anchors on the (N, 3) mean training prototype (no-op when off)."""
