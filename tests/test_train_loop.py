@@ -158,6 +158,9 @@ def test_bad_config_and_spec_give_one_line_errors(data, tmp_path):
     code, out = run_cli(["--shards", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2")])
     assert code != 0 and "nowhere" in out and len(out.strip().splitlines()) == 1
     assert not (tmp_path / "r2" / "checkpoint-last.pt").exists()
+    no_labels = config_file(tmp_path, **{"model.material_head": True})  # the tiny dataset has no garments.png
+    code, out = run_cli(["--shards", str(data), "--out", str(tmp_path / "r3"), "--config", str(no_labels)])
+    assert code != 0 and "material_head needs garments.png" in out and len(out.strip().splitlines()) == 1
 
 
 def free_port() -> int:

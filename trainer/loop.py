@@ -64,6 +64,18 @@ class TrainError(RuntimeError):
     """A run cannot start or continue; the message is one line."""
 
 
+def check_material_labels(cfg: TrainConfig, manifest: dict[str, Any] | None) -> None:
+    """The material head learns from garments.png: a training set that says it has none would leave the head
+    untrained while its masks still feed the colour code."""
+    if not cfg.model.material_head or manifest is None:
+        return
+    if "garments.png" not in manifest.get("sample_entries", []):
+        raise TrainError(
+            f"--shards {cfg.data.shards}: model.material_head needs garments.png in every sample (generate "
+            "with render.write_garments: true), or turn model.material_head off"
+        )
+
+
 @dataclass
 class DistInfo:
     rank: int = 0
@@ -315,6 +327,7 @@ def train(
     source = resolve_spec(cfg.data.shards, cfg.data.prototypes)
     if not source.prototypes:
         raise TrainError(f"--shards {cfg.data.shards}: cannot tell where prototypes.h5 is; pass --prototypes")
+    check_material_labels(cfg, source.manifest)
     bank = load_prototype_bank(source.prototypes, cfg.data.max_points, cache_dir=out / ".cache")
     vt_info = attach_body_vertices(bank, source.manifest)
     if dist.main:

@@ -3,7 +3,9 @@
 - Image branch: a small residual encoder (strides 2-16) with an attention-pooled global-context vector
   (identity cues such as skin tone, hair colour and build are global; the learned pooling looks at the
   person, not the backdrop) and a feature-pyramid decoder back to stride 4, giving L2-normalised D-dim
-  pixel embeddings and 16-class part logits (0 bg, 1-14 parts, 15 occluder).
+  pixel embeddings and 16-class part logits (0 bg, 1-14 parts, 15 occluder); optionally a material head
+  (none, skin, hair, top, bottom, shoes, from garments.png) whose masks add skin and hair colours to the
+  per-image part-colour code.
 - Point branch: a DGCNN-style encoder over a static kNN graph. All prototypes share one sampling
   (point i is the same anatomical place on every body), so the graph is computed once per point-set
   topology and cached. Edge layers use a linear edge function with mean aggregation, computed as one
