@@ -223,7 +223,7 @@ def test_config_file_with_an_unknown_key_is_refused(tmp_path):
     assert result.exit_code == 1
     assert result.output.strip() == f"Error: {cfg}: render: unknown key 'sampels' in RenderSettings " + (
         "(known: denoise, device, filter_width, height, jpeg_quality, png_compress_level, samples, "
-        "threads_per_worker, width, write_depth)"
+        "threads_per_worker, width, write_depth, write_garments)"
     )
     assert not out.exists()
 
