@@ -662,14 +662,22 @@ class BlenderRenderer:
             inp.close()
         return passes
 
+    def _surfaces(
+        self, spec: SampleSpec, shell_verts: np.ndarray, shell_source: np.ndarray
+    ) -> list[tuple[int, cKDTree, np.ndarray]]:
+        """(Object Index, kd-tree of its vertices, the body vertex of each) for the body and, when there are
+        any, the loose-garment shells: built once per frame for `vid` and garments.png."""
+
+        def tree(points: np.ndarray) -> cKDTree:
+            return cKDTree(np.asarray(points, np.float64), balanced_tree=False, compact_nodes=False)
+
+        out = [(OBJECT_BODY, tree(spec.posed_vertices), np.arange(self.num_vertices))]
+        if len(shell_verts):
+            out.append((OBJECT_SHELL, tree(shell_verts), np.asarray(shell_source)))
+        return out
+
     def _correspondence(
-        self,
-        spec: SampleSpec,
-        parts: np.ndarray,
-        objects: np.ndarray,
-        world: np.ndarray,
-        shell_verts: np.ndarray,
-        shell_source: np.ndarray,
+        self, parts: np.ndarray, objects: np.ndarray, world: np.ndarray, surfaces: list
     ) -> np.ndarray:
         """vid: nearest posed body vertex (+1) to each body-part pixel's surface point; 0 when unsure
         (border pixels, a nearest vertex of another part or too far away)."""
@@ -677,28 +685,15 @@ class BlenderRenderer:
         body_px = (parts >= 1) & (parts <= 14)
         if self.mark_borders:
             body_px &= ~border_mask(parts, objects)
-        on_body = body_px & (objects == OBJECT_BODY)
-        on_shell = body_px & (objects == OBJECT_SHELL)
-        if on_body.any():
-            tree = cKDTree(
-                np.asarray(spec.posed_vertices, np.float64), balanced_tree=False, compact_nodes=False
-            )
-            dist, idx = tree.query(world[on_body], distance_upper_bound=self.vid_max_distance)
-            self._keep(vid, on_body, parts, dist, idx, np.arange(self.num_vertices))
-        if on_shell.any() and len(shell_verts):
-            tree = cKDTree(np.asarray(shell_verts, np.float64), balanced_tree=False, compact_nodes=False)
-            dist, idx = tree.query(world[on_shell], distance_upper_bound=self.vid_max_distance)
-            self._keep(vid, on_shell, parts, dist, idx, shell_source)
+        for obj, tree, to_body in surfaces:
+            mask = body_px & (objects == obj)
+            if mask.any():
+                dist, idx = tree.query(world[mask], distance_upper_bound=self.vid_max_distance)
+                self._keep(vid, mask, parts, dist, idx, to_body)
         return vid
 
     def _garment_map(
-        self,
-        spec: SampleSpec,
-        parts: np.ndarray,
-        objects: np.ndarray,
-        world: np.ndarray,
-        shell_verts: np.ndarray,
-        shell_source: np.ndarray,
+        self, spec: SampleSpec, parts: np.ndarray, objects: np.ndarray, world: np.ndarray, surfaces: list
     ) -> np.ndarray:
         """garments.png: the label (skin, hair, top, bottom, shoes) of the body vertex nearest each person
         pixel's surface point among those of the pixel's own part (of its 4 nearest; the nearest when none
@@ -707,16 +702,12 @@ class BlenderRenderer:
         labels = vertex_garment_labels(spec.dressed, self.num_vertices)
         out = np.zeros(parts.shape, dtype=np.uint8)
         person = (parts >= 1) & (parts <= 14)
-        for obj, points, to_body in (
-            (OBJECT_BODY, spec.posed_vertices, None),
-            (OBJECT_SHELL, shell_verts, shell_source),
-        ):
+        for obj, tree, to_body in surfaces:
             mask = person & (objects == obj)
-            if not mask.any() or not len(points):
+            if not mask.any():
                 continue
-            tree = cKDTree(np.asarray(points, np.float64), balanced_tree=False, compact_nodes=False)
-            _, idx = tree.query(world[mask], k=min(4, len(points)))
-            body_idx = idx.reshape(len(idx), -1) if to_body is None else to_body[idx.reshape(len(idx), -1)]
+            _, idx = tree.query(world[mask], k=min(4, len(to_body)))
+            body_idx = to_body[idx.reshape(len(idx), -1)]
             same_part = self.vertex_parts[body_idx] == parts[mask][:, None]
             first = np.where(same_part.any(axis=1), same_part.argmax(axis=1), 0)
             out[mask] = labels[body_idx[np.arange(len(body_idx)), first]]
@@ -772,7 +763,8 @@ class BlenderRenderer:
         parts = np.clip(parts, 0, OCCLUDER).astype(np.uint8)
         objects = np.rint(passes["Object Index"][..., 0]).astype(np.int64)
         world = self._body_frame(passes["Position"])
-        vid = self._correspondence(spec, parts, objects, world, shell_verts, shell_source)
+        surfaces = self._surfaces(spec, shell_verts, shell_source)
+        vid = self._correspondence(parts, objects, world, surfaces)
         depth = None
         if getattr(self.settings, "write_depth", False):
             cam = spec.scene.camera
@@ -786,7 +778,7 @@ class BlenderRenderer:
             depth = np.where(hit, z, 0.0).astype(np.float32)
         garments = None
         if getattr(self.settings, "write_garments", False):
-            garments = self._garment_map(spec, parts, objects, world, shell_verts, shell_source)
+            garments = self._garment_map(spec, parts, objects, world, surfaces)
         t4 = time.perf_counter()
         timings = {"update": t1 - t0, "render": t2 - t1, "read": t3 - t2, "post": t4 - t3}
         return RenderedSample(rgb=rgb, parts=parts, vid=vid, depth=depth, garments=garments, timings=timings)

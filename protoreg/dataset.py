@@ -219,30 +219,28 @@ def decode_rgb(data: bytes) -> np.ndarray:
 
 def decode_parts(data: bytes) -> np.ndarray:
     """8-bit PNG bytes -> (H, W) uint8 label ids 0-15."""
-    h, w, depth, colour = _png_header(data, "parts.png")
-    if depth != 8 or colour not in (_PNG_GREY, _PNG_PALETTE):
-        raise DatasetFormatError(
-            f"parts.png: expected an 8-bit single-channel PNG, got bit depth {depth}, colour type {colour}"
-        )
-    if colour == _PNG_PALETTE:  # palette indices are the labels; OpenCV would expand them to colours
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im, dtype=np.uint8)
-    labels = _spng_decode(data, "parts.png")  # libspng: OpenCV's pixels in two thirds of its time
-    if labels.shape != (h, w) or labels.dtype != np.uint8:
-        raise DatasetFormatError(f"parts.png: decoded to {labels.shape} {labels.dtype}, expected {(h, w)}")
-    return labels
+    return _decode_labels8(data, "parts.png", palette_ok=True)
 
 
 def decode_garments(data: bytes) -> np.ndarray:
     """8-bit PNG bytes -> (H, W) uint8 garment labels (GARMENT_LABELS)."""
-    h, w, depth, colour = _png_header(data, "garments.png")
-    if depth != 8 or colour != _PNG_GREY:
+    return _decode_labels8(data, "garments.png", palette_ok=False)
+
+
+def _decode_labels8(data: bytes, name: str, palette_ok: bool) -> np.ndarray:
+    """An 8-bit single-channel label PNG -> (H, W) uint8, the header checked against what decodes."""
+    h, w, depth, colour = _png_header(data, name)
+    if depth != 8 or colour not in ((_PNG_GREY, _PNG_PALETTE) if palette_ok else (_PNG_GREY,)):
+        kind = "single-channel" if palette_ok else "greyscale"
         raise DatasetFormatError(
-            f"garments.png: expected an 8-bit greyscale PNG, got bit depth {depth}, colour type {colour}"
+            f"{name}: expected an 8-bit {kind} PNG, got bit depth {depth}, colour type {colour}"
         )
-    labels = _spng_decode(data, "garments.png")
+    if colour == _PNG_PALETTE:  # palette indices are the labels; OpenCV would expand them to colours
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im, dtype=np.uint8)
+    labels = _spng_decode(data, name)  # libspng: OpenCV's pixels in two thirds of its time
     if labels.shape != (h, w) or labels.dtype != np.uint8:
-        raise DatasetFormatError(f"garments.png: decoded to {labels.shape} {labels.dtype}, expected {(h, w)}")
+        raise DatasetFormatError(f"{name}: decoded to {labels.shape} {labels.dtype}, expected {(h, w)}")
     return labels
 
 

@@ -174,13 +174,7 @@ def segmentation_loss(feats: ImageFeatures, parts: Tensor, valid: Tensor, balanc
     """(c) CE at full resolution (logits upsampled bilinearly); erased pixels ignored. `balance` b weights
     each class by (its pixels in the batch)^-b: with b = 0 the background and torso outweigh a hand a
     hundred to one and the arms, hands and feet are never predicted."""
-    logits = F.interpolate(feats.seg_logits, size=parts.shape[-2:], mode="bilinear", align_corners=False)
-    target = parts.masked_fill(~valid, IGNORE)
-    weight = None
-    if balance > 0:
-        counts = torch.bincount(parts[valid].reshape(-1), minlength=logits.shape[1]).float()
-        weight = (counts + 1).pow(-balance)
-    return F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE)
+    return balanced_cross_entropy(feats.seg_logits, parts, valid, balance)
 
 
 def material_loss(
@@ -190,15 +184,20 @@ def material_loss(
     label + 1, 0 where a sample has none: those pixels and erased ones are ignored), class-weighted as (c)."""
     if feats.material_logits is None or garments is None:
         return feats.seg_logits.sum() * 0
-    size = garments.shape[-2:]
-    logits = F.interpolate(feats.material_logits, size=size, mode="bilinear", align_corners=False)
     known = valid & (garments > 0)
-    target = (garments - 1).masked_fill(~known, IGNORE)
     if not bool(known.any()):
-        return logits.sum() * 0
+        return feats.material_logits.sum() * 0
+    return balanced_cross_entropy(feats.material_logits, (garments - 1).clamp_min(0), known, balance)
+
+
+def balanced_cross_entropy(logits: Tensor, labels: Tensor, keep: Tensor, balance: float) -> Tensor:
+    """CE of (B, C, h, w) logits upsampled bilinearly to the (B, H, W) labels over the `keep` pixels, each
+    class weighted by (its kept pixels in the batch + 1)^-balance (no weights at 0)."""
+    logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    target = labels.masked_fill(~keep, IGNORE)
     weight = None
     if balance > 0:
-        counts = torch.bincount((garments[known] - 1).reshape(-1), minlength=logits.shape[1]).float()
+        counts = torch.bincount(labels[keep].reshape(-1), minlength=logits.shape[1]).float()
         weight = (counts + 1).pow(-balance)
     return F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE)
 

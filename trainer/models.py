@@ -139,19 +139,17 @@ class ImageEncoder(nn.Module):
         p = self.fuse(p)
         seg = self.seg(p)
         material = None if self.material is None else self.material(p)
-        code = self.appearance_code(images, seg if material is None else torch.cat([seg, material], 1))
-        code = code[:, :, None, None]
+        code = self.appearance_code(images, seg, material)[:, :, None, None]
         if self.who is None:
             return factorised(self.embed(p) + code, None, 0.0, 1), seg, material
         return factorised(self.embed(p), self.who(p) + code, self.share, 1), seg, material
 
-    def appearance_code(self, images: Tensor, logits: Tensor) -> Tensor:
-        """(B, D): mean colour, colour spread and share under each predicted part (and material, with the
-        material head: each head's softmax on its own channels), through a small MLP."""
-        logits = logits.detach().float()  # no gradient into the segmentation
-        probs = logits[:, :NUM_LABELS].softmax(dim=1)  # (B, 16, h, w)
-        if logits.shape[1] > NUM_LABELS:
-            probs = torch.cat([probs, logits[:, NUM_LABELS:].softmax(dim=1)], dim=1)
+    def appearance_code(self, images: Tensor, seg: Tensor, material: Tensor | None = None) -> Tensor:
+        """(B, D): mean colour, colour spread and share under each predicted part (and each material, with
+        the material head), through a small MLP."""
+        probs = seg.detach().float().softmax(dim=1)  # (B, 16, h, w); no gradient into the segmentation
+        if material is not None:
+            probs = torch.cat([probs, material.detach().float().softmax(dim=1)], dim=1)
         share = probs.sum(dim=(2, 3)) / (probs.shape[-1] * probs.shape[-2])  # (B, 16)
         # Colours are read at the input's resolution under sharpened probabilities: a 4x4 block on the
         # outline, or a pixel the segmentation is unsure of, mixes backdrop, occluder or the next part into
