@@ -13,11 +13,14 @@ from trainer.recognition import (
     UNKNOWN,
     Gallery,
     GalleryIdentity,
+    Letterbox,
     RecognitionError,
     Recognizer,
     correspondence,
     decide,
+    image_pixels,
     load_gallery,
+    mirrored_box,
     part_descriptors,
     pixel_features_from_maps,
     rank_identities,
@@ -216,3 +219,27 @@ def test_letterbox_padding_is_never_foreground():
     px = pixel_features_from_maps(feats.embeddings[0].numpy(), feats.seg_logits[0].numpy(), 4, box)
     assert sorted(px.yx[:, 1].tolist()) == [1, 1]
     assert isinstance(Gallery, type)
+
+
+def test_mirror_view_pools_the_mirror_images_pixels_mapped_back_onto_the_image():
+    ident = identities()[0]
+    model = HandModel(ident)
+    images = np.zeros((1, 3, 8, 12), dtype=np.float32)
+    ((own_only, counted_plain),) = image_pixels(model, images, [None], mirror=False)
+    assert counted_plain is own_only
+    ((own, counted),) = image_pixels(model, images, [None], mirror=True)
+    assert len(own.parts) == 5 and len(counted.parts) == 10
+    np.testing.assert_array_equal(counted.parts, np.concatenate([own.parts, own.parts]))
+    # the mirror view's columns come back mirrored: grid column x of the mirror image is 2 - x here
+    np.testing.assert_array_equal(counted.yx[5:, 1], 2 - own.yx[:, 1])
+    np.testing.assert_array_equal(counted.yx[5:, 0], own.yx[:, 0])
+    assert counted.seg is own.seg and counted.grid == own.grid
+    box = Letterbox(src_w=4, src_h=8, x0=0, y0=0, w=4, h=8)  # content in the left third of a 12-wide input
+    assert mirrored_box(box, 12) == Letterbox(src_w=4, src_h=8, x0=8, y0=0, w=4, h=8)
+    # a view the same as the image (this model ignores its input) leaves every rate as it was
+    gal_ids = identities()
+    plain = [correspondence(own.embeddings, own.parts, g.embeddings, g.parts, 0.5).rate for g in gal_ids]
+    pooled = [
+        correspondence(counted.embeddings, counted.parts, g.embeddings, g.parts, 0.5).rate for g in gal_ids
+    ]
+    assert plain == pooled

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import torch
 
@@ -27,10 +30,13 @@ from trainer.losses import (
     target_points,
 )
 from trainer.models import (
+    EXPOSURE_GAIN,
+    EXPOSURE_QUANTILE,
     AnchorReadout,
     ImageFeatures,
     RegistrationNet,
     count_parameters,
+    exposure_normalised,
     farthest_points,
     knn_graph,
     neighbour_mean,
@@ -174,6 +180,26 @@ def test_material_head_adds_its_logits_and_feeds_the_colour_code():
     assert RegistrationNet().encode_image(images).material_logits is None
 
 
+def test_exposure_normalisation_sets_the_level_and_makes_the_model_blind_to_a_global_gain():
+    images = torch.rand(2, 3, 128, 64) * torch.tensor([0.4, 0.8])[:, None, None, None]
+    out = exposure_normalised(images, 0.7)
+    level = torch.quantile(out.mean(dim=1).flatten(1), EXPOSURE_QUANTILE, dim=1)
+    assert torch.allclose(level, torch.tensor([0.7, 0.7]), atol=1e-5)
+    assert float(out.max()) <= 1.0 and float(out.min()) >= 0.0
+    black = exposure_normalised(torch.full((1, 3, 4, 4), 0.01), 0.7)  # the gain stops at its upper bound
+    assert torch.allclose(black, torch.full((1, 3, 4, 4), 0.01 * EXPOSURE_GAIN[1]))
+    torch.manual_seed(0)
+    model = RegistrationNet(ModelConfig(material_head=True, auto_exposure=0.7)).eval()
+    dim = torch.rand(2, 3, 128, 64) * 0.5  # a dim scene, and the same scene 2x brighter (nothing clips)
+    a, b = model.encode_image(dim), model.encode_image(dim * 2)
+    assert torch.allclose(a.embeddings, b.embeddings, atol=1e-3)
+    assert torch.allclose(a.seg_logits, b.seg_logits, atol=1e-3)
+    plain = RegistrationNet(ModelConfig(material_head=True)).eval()
+    assert not torch.allclose(
+        plain.encode_image(dim).embeddings, plain.encode_image(dim * 2).embeddings, atol=1e-2
+    )
+
+
 def test_balanced_segmentation_loss_weighs_a_rare_part_like_a_common_one():
     parts = torch.zeros(1, 4, 4, dtype=torch.long)
     parts[0, 0, 0] = 8  # one hand pixel among 15 background pixels
@@ -289,6 +315,24 @@ def test_checkpoint_roundtrip_with_weights_only_and_refusals(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a protoreg training checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def test_a_checkpoint_from_before_an_optional_model_key_still_loads(tmp_path):
+    # a checkpoint written before model.auto_exposure existed: its config and fingerprint lack the key
+    model = RegistrationNet(TINY)
+    state = torch.load(
+        save_checkpoint(tmp_path / "c.pt", model, TrainConfig(model=TINY), step=1), weights_only=True
+    )
+    old = {k: v for k, v in state["model_config"].items() if k != "auto_exposure"}
+    state["model_config"] = old
+    state["model_fingerprint"] = hashlib.sha256(
+        json.dumps(old, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+    assert state["model_fingerprint"] == model_fingerprint(TINY)  # off: left out of the fingerprint
+    torch.save(state, tmp_path / "old.pt")
+    loaded, _ = load_model(tmp_path / "old.pt")
+    assert loaded.config.auto_exposure == 0.0
+    assert model_fingerprint(ModelConfig(auto_exposure=0.7)) != model_fingerprint(ModelConfig())
 
 
 def test_config_yaml_roundtrip_and_unknown_keys(tmp_path):

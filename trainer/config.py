@@ -37,6 +37,10 @@ class ModelConfig:
     # garments.png), whose masks add skin and hair colours to the part-colour code: skin tone is read from
     # the face, arms, hands and bare legs together, not from the few pixels of a predicted hand.
     material_head: bool = False
+    # Exposure normalisation of every input (training and recognition alike): the image is scaled so that
+    # its 95th-percentile grey level is auto_exposure (0 = off), as a camera's auto-exposure would; a dim
+    # scene then no longer reads as dark skin. Clipped to [0, 1]; the gain is kept within [1/2, 3].
+    auto_exposure: float = 0.0
     point_widths: tuple[int, ...] = (32, 64, 64)  # edge-conv layer widths of the point encoder
     point_global: int = 128  # width of the point set's global (identity-level) descriptor
     # Anchor readout of the who-half: K fixed places on the body (farthest-point samples of the training
@@ -190,9 +194,18 @@ def fingerprint(cfg: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+# Model options added after checkpoints were first shared, with the value that turns them off: while off
+# they are left out of the fingerprint, so a checkpoint written before they existed keeps it and loads.
+OPTIONAL_MODEL_KEYS: dict[str, Any] = {"auto_exposure": 0.0}
+
+
 def model_fingerprint(model_cfg: ModelConfig) -> str:
     """What galleries store to refuse embeddings made by a different architecture."""
-    return fingerprint(model_cfg)
+    d = to_dict(model_cfg)
+    for key, off in OPTIONAL_MODEL_KEYS.items():
+        if key in d and d[key] == off:
+            del d[key]
+    return fingerprint(d)
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

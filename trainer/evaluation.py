@@ -29,9 +29,8 @@ from trainer.recognition import (
     PixelFeatures,
     Recognition,
     decide,
-    encode_images,
+    image_pixels,
     letterbox,
-    pixel_features_from_maps,
     register_rows,
 )
 
@@ -321,6 +320,7 @@ class Evaluator:
     batch_size: int = 16
     keep_examples: int = 8
     examples: list[tuple[np.ndarray, Recognition, str]] = field(default_factory=list)
+    mirror: bool = True  # rates count the mirror image's pixels too (recognition.image_pixels)
 
     def row_of_sample(self, meta: dict[str, Any], identity_id: int) -> int:
         ident = meta.get("identity") if isinstance(meta, dict) else None
@@ -350,17 +350,16 @@ class Evaluator:
 
     def _run_batch(self, batch: list[dict[str, Any]]) -> list[QueryResult]:
         boxed = [letterbox(s["rgb"], self.input_size) for s in batch]
-        emb, seg, stride = encode_images(self.model, np.stack([b[0] for b in boxed]))
-        out = []
-        for i, s in enumerate(batch):
-            px = pixel_features_from_maps(emb[i], seg[i], stride, boxed[i][1])
-            out.append(self._query(s, px, boxed[i][1]))
-        return out
+        images, boxes = np.stack([b[0] for b in boxed]), [b[1] for b in boxed]
+        views = image_pixels(self.model, images, boxes, self.mirror)
+        return [self._query(s, *view, box) for s, view, box in zip(batch, views, boxes, strict=True)]
 
-    def _query(self, s: dict[str, Any], px: PixelFeatures, box: Any) -> QueryResult:
+    def _query(self, s: dict[str, Any], px: PixelFeatures, counted: PixelFeatures, box: Any) -> QueryResult:
+        """Rates, histograms and the decision from `counted`; segmentation, correspondence error and the
+        example pictures from the image's own pixels `px`."""
         gal = self.gallery
         rows = list(range(gal.size))
-        regs = register_rows(px, gal, rows, self.similarity_threshold)
+        regs = register_rows(counted, gal, rows, self.similarity_threshold)
         rates = np.array([c.rate for c in regs])
         tie = np.array([c.mean_similarity for c in regs])
         hist = np.stack([similarity_histogram(c.best_similarity, c.same_part) for c in regs])
@@ -369,8 +368,9 @@ class Evaluator:
         gt_vid = _labels_at_input(s["vid"], box, self.input_size)
         conf, _ = seg_confusion_at_grid(px.seg, gt_parts, px.stride)
         err_all = err_matched = np.zeros(0, np.float32)
+        own = regs if counted is px else None  # the image's own registrations, made when needed
         if true_row >= 0:
-            c = regs[true_row]
+            c = regs[true_row] if own else register_rows(px, gal, [true_row], self.similarity_threshold)[0]
             pts = gal.rows([true_row], ("points",))["points"][0]
             err_all, err_matched = correspondence_errors(
                 px, c.best_point, c.matched, gt_vid, pts, self.vertex_positions.get(true_row)
@@ -388,11 +388,12 @@ class Evaluator:
             err_matched,
             decision,
         )
-        self._maybe_keep_example(s, px, box, regs, decision, true_row)
+        self._maybe_keep_example(s, px, box, own, decision, true_row)
         return q
 
     def _maybe_keep_example(self, s, px, box, regs, decision, true_row) -> None:  # noqa: ANN001
-        """Keep the first few answers of each outcome (with their registrations) for the report."""
+        """Keep the first few answers of each outcome (with their registrations of the image's own pixels,
+        `regs` when those are what the rates counted, else made here) for the report."""
         if true_row < 0 or len(self.examples) >= self.keep_examples:
             return
         outcome = answer_outcome(decision, self.gallery.names[true_row])
@@ -400,11 +401,12 @@ class Evaluator:
         if have >= -(-self.keep_examples // len(OUTCOMES)):  # an equal share, rounded up
             return
         top = decision.ranking[0]
+        best = regs[top] if regs else register_rows(px, self.gallery, [top], self.similarity_threshold)[0]
         rec = Recognition(
             decision=decision,
             candidates=[],
             pixels=px,
-            best=regs[top],
+            best=best,
             best_identity=self.gallery.identity(top),
             box=box,
             similarity_threshold=self.similarity_threshold,

@@ -62,6 +62,19 @@ def factorised(where: Tensor, who: Tensor | None, share: float, dim: int) -> Ten
     return torch.cat([w, F.normalize(who.float(), dim=dim) * share**0.5], dim=dim)
 
 
+EXPOSURE_QUANTILE = 0.95
+EXPOSURE_GAIN = (0.5, 3.0)
+
+
+def exposure_normalised(images: Tensor, target: float) -> Tensor:
+    """Each (3, H, W) image in [0, 1] scaled so that its EXPOSURE_QUANTILE grey level is `target`, then
+    clipped: the scene's exposure is unknown to the recogniser, so the network never learns to read it."""
+    grey = images.float().mean(dim=1).flatten(1)  # (B, HW)
+    level = torch.quantile(grey, EXPOSURE_QUANTILE, dim=1).clamp_min(1e-3)
+    gain = (target / level).clamp(*EXPOSURE_GAIN)
+    return (images.float() * gain[:, None, None, None]).clamp(0.0, 1.0).to(images.dtype)
+
+
 def identity_dims(cfg: ModelConfig) -> int:
     """The who-half's size: model.identity_dim, at most half the embedding."""
     if cfg.identity_dim < 0 or not 0 <= cfg.identity_share < 1:
@@ -114,6 +127,7 @@ class ImageEncoder(nn.Module):
         self.who = nn.Conv2d(d, self.id_dim, 1) if self.id_dim else None
         self.seg = nn.Conv2d(d, NUM_LABELS, 1)
         self.material = nn.Conv2d(d, len(GARMENT_LABELS), 1) if cfg.material_head else None
+        self.exposure = float(cfg.auto_exposure)
         colour_inputs = NUM_LABELS + (len(GARMENT_LABELS) if cfg.material_head else 0)
         # Part colours: the mean input colour and its spread under each predicted part (skin on the hands
         # and face, hair on the head, ...), a per-image appearance code added to every pixel's who-half; the
@@ -126,6 +140,8 @@ class ImageEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        if self.exposure > 0:
+            images = exposure_normalised(images, self.exposure)
         x = (images - self.mean) / self.std
         c1 = self.stage1(self.stem(x))  # stride 4
         c2 = self.stage2(c1)  # stride 8

@@ -511,6 +511,13 @@ def letterbox(image: np.ndarray, size: tuple[int, int], fill: float = 0.5) -> tu
     return canvas.transpose(2, 0, 1).copy(), Letterbox(src_w, src_h, x0, y0, w, h)
 
 
+def mirrored_box(box: Letterbox | None, width: int) -> Letterbox | None:
+    """Where the content sits in the mirror image of a `width`-wide letterboxed input."""
+    if box is None:
+        return None
+    return Letterbox(box.src_w, box.src_h, width - box.x0 - box.w, box.y0, box.w, box.h)
+
+
 def load_image(path: str | Path) -> np.ndarray:
     """An RGB photograph as (H, W, 3) uint8; anything else is refused with a one-line reason."""
     from PIL import Image, UnidentifiedImageError
@@ -616,6 +623,42 @@ def pixel_features_from_maps(
     )
 
 
+def with_mirror_view(px: PixelFeatures, mirror: PixelFeatures) -> PixelFeatures:
+    """The foreground pixels of an image and of its mirror image as one set, the mirror's columns mapped
+    back onto the image's: the pixels a correspondence rate with the mirror view counts (a second look
+    at the same person, as re-identification averages a flipped query; a body is nearly left-right
+    symmetric, and its mirror image shows the same shape and colours). Grid, labels and stride stay the
+    image's own."""
+    yx = mirror.yx.copy()
+    yx[:, 1] = px.grid[1] - 1 - yx[:, 1]
+    return PixelFeatures(
+        embeddings=np.concatenate([px.embeddings, mirror.embeddings]),
+        parts=np.concatenate([px.parts, mirror.parts]),
+        yx=np.concatenate([px.yx, yx]),
+        seg=px.seg,
+        stride=px.stride,
+        grid=px.grid,
+    )
+
+
+def image_pixels(
+    model: Any, images: np.ndarray, boxes: Sequence[Letterbox | None], mirror: bool
+) -> list[tuple[PixelFeatures, PixelFeatures]]:
+    """Per letterboxed (B, 3, H, W) image: (its own foreground pixels, the pixels its correspondence rates
+    count: the same, or pooled with its mirror image's when `mirror`)."""
+    emb, seg, stride = encode_images(model, images)
+    own = [pixel_features_from_maps(emb[i], seg[i], stride, boxes[i]) for i in range(len(images))]
+    if not mirror:
+        return [(px, px) for px in own]
+    emb, seg, stride = encode_images(model, np.ascontiguousarray(images[..., ::-1]))
+    width = images.shape[-1]
+    flipped = [
+        pixel_features_from_maps(emb[i], seg[i], stride, mirrored_box(boxes[i], width))
+        for i in range(len(images))
+    ]
+    return [(px, with_mirror_view(px, m)) for px, m in zip(own, flipped, strict=True)]
+
+
 def encode_images(model: Any, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """(B, 3, H, W) float32 in [0, 1] -> embeddings (B, D, h, w), seg logits (B, 16, h, w), stride."""
     import torch
@@ -709,8 +752,10 @@ class Recognizer:
         similarity_threshold: float | None = None,
         unknown_threshold: float | None = None,
         shortlist: int = DEFAULT_SHORTLIST,
+        mirror: bool = True,
     ):
         self.model = model
+        self.mirror = bool(mirror)
         self.gallery = gallery
         self.input_size = input_size
         self.similarity_threshold = (
@@ -721,19 +766,26 @@ class Recognizer:
         )
         self.shortlist = int(shortlist)
 
-    def pixels(self, image: np.ndarray) -> tuple[PixelFeatures, Letterbox]:
+    def pixels(self, image: np.ndarray) -> tuple[PixelFeatures, PixelFeatures, Letterbox]:
+        """The image's own foreground pixels, the pixels its rates count (`image_pixels`), its letterbox."""
         x, box = letterbox(image, self.input_size)
-        emb, seg, stride = encode_images(self.model, x[None])
-        return pixel_features_from_maps(emb[0], seg[0], stride, box), box
+        own, counted = image_pixels(self.model, x[None], [box], self.mirror)[0]
+        return own, counted, box
 
     def recognize(self, image: np.ndarray, top: int = 5) -> Recognition:
         """Who is in this (H, W, 3) uint8 image, and the registration that says why."""
-        pixels, box = self.pixels(image)
-        return self.recognize_pixels(pixels, box, top=top)
+        own, counted, box = self.pixels(image)
+        return self.recognize_pixels(counted, box, top=top, own=own)
 
     def recognize_pixels(
-        self, pixels: PixelFeatures, box: Letterbox | None = None, top: int = 5
+        self,
+        pixels: PixelFeatures,
+        box: Letterbox | None = None,
+        top: int = 5,
+        own: PixelFeatures | None = None,
     ) -> Recognition:
+        """Rank and decide on `pixels`; the explanation registers `own` (the image's own pixels, when
+        `pixels` also holds its mirror view's) against the best identity."""
         gal = self.gallery
         qdesc, qcount = (
             part_descriptors(pixels.embeddings.reshape(-1, gal.part_desc.shape[2]), pixels.parts)
@@ -764,11 +816,14 @@ class Recognizer:
                 )
             )
         top_row = decision.ranking[0]
+        best = reg_of[top_row]
+        if own is not None and own is not pixels:
+            best = register_rows(own, gal, [top_row], self.similarity_threshold)[0]
         return Recognition(
             decision=decision,
             candidates=candidates,
-            pixels=pixels,
-            best=reg_of[top_row],
+            pixels=pixels if own is None else own,
+            best=best,
             best_identity=gal.identity(top_row),
             box=box,
             similarity_threshold=self.similarity_threshold,

@@ -91,6 +91,15 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     return LoadedModel(model, config, str(fp), input_size_of(config), max_points, path)
 
 
+MIRROR_OPTION = click.option(
+    "--mirror/--no-mirror",
+    default=True,
+    show_default=True,
+    help="Count the pixels of each image's mirror image too in its correspondence rates (a second look at "
+    "the same person; the explanation registers the image itself). Calibrate and recognise alike.",
+)
+
+
 def _errors(fn):  # noqa: ANN001, ANN202
     """Turn the project's one-line errors into click errors (exit code 1, no traceback)."""
     import functools
@@ -238,6 +247,7 @@ def build_gallery(
     show_default=True,
     help="Storage precision of the point embeddings.",
 )
+@MIRROR_OPTION
 @_errors
 def enroll(
     checkpoint: str,
@@ -247,6 +257,7 @@ def enroll(
     calibrate_spec: str | None,
     calibration_limit: int,
     dtype: str,
+    mirror: bool,
 ) -> None:
     """Encode each prototype once and cache its point embeddings in a gallery (HDF5)."""
     loaded = load_checkpoint(checkpoint)
@@ -258,7 +269,7 @@ def enroll(
         f"{gal.attrs['num_points']} points each)"
     )
     if calibrate_spec:
-        cal = calibrate_gallery(loaded, out_path, calibrate_spec, calibration_limit)
+        cal = calibrate_gallery(loaded, out_path, calibrate_spec, calibration_limit, mirror)
         click.echo(
             f"calibrated on {cal.samples} validation images: T = {cal.similarity_threshold:.3f}, "
             f"U = {cal.unknown_threshold:.3f} (validation Rank-1 {cal.rank1:.1%}, "
@@ -266,7 +277,9 @@ def enroll(
         )
 
 
-def calibrate_gallery(loaded: LoadedModel, gallery_path: Path, spec: str, limit: int) -> Any:
+def calibrate_gallery(
+    loaded: LoadedModel, gallery_path: Path, spec: str, limit: int, mirror: bool = True
+) -> Any:
     """Register validation images against the gallery and store the chosen T and U in its attributes."""
     from tqdm import tqdm
 
@@ -279,7 +292,13 @@ def calibrate_gallery(loaded: LoadedModel, gallery_path: Path, spec: str, limit:
     except DataSpecError as e:
         raise RecognitionError(str(e)) from None
     ev = Evaluator(
-        loaded.model, gal, loaded.input_size, gal.similarity_threshold, gal.unknown_threshold, keep_examples=0
+        loaded.model,
+        gal,
+        loaded.input_size,
+        gal.similarity_threshold,
+        gal.unknown_threshold,
+        keep_examples=0,
+        mirror=mirror,
     )
     with tqdm(total=limit, desc="calibrate", unit="img", leave=False) as bar:
         results = ev.run(iterate_samples(source.urls, None, limit), bar)
@@ -289,7 +308,7 @@ def calibrate_gallery(loaded: LoadedModel, gallery_path: Path, spec: str, limit:
         {
             "similarity_threshold": cal.similarity_threshold,
             "unknown_threshold": cal.unknown_threshold,
-            "calibration": {**cal.to_json(), "data": str(spec)},
+            "calibration": {**cal.to_json(), "data": str(spec), "mirror": bool(mirror)},
         },
     )
     return cal
@@ -405,6 +424,7 @@ def _unique_stem(path: Path, used: set[str]) -> str:
     show_default=True,
     help="Identities fully registered after the per-part shortlist (0 = all).",
 )
+@MIRROR_OPTION
 @_errors
 def recognize(
     checkpoint: str,
@@ -415,6 +435,7 @@ def recognize(
     top: int,
     unknown_threshold: float | None,
     shortlist: int,
+    mirror: bool,
 ) -> None:
     """Who is in each IMAGE among the enrolled identities, and why (table, JSON, sentence, PNG)."""
     from trainer.evaluation import write_text_atomic
@@ -429,7 +450,7 @@ def recognize(
             "(never unknown). Calibrate with `protoreg enroll --calibrate VAL`.",
             err=True,
         )
-    rec = Recognizer(loaded.model, gal, loaded.input_size, threshold, unknown_threshold, shortlist)
+    rec = Recognizer(loaded.model, gal, loaded.input_size, threshold, unknown_threshold, shortlist, mirror)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
@@ -521,6 +542,7 @@ def rest_vertices_for(gallery: Gallery, source: Any) -> dict[int, np.ndarray]:
     help="Explanation pictures in the report, shared between correct, wrong and unknown answers.",
 )
 @click.option("--title", default="Evaluation report", show_default=True, help="Title of report.md.")
+@MIRROR_OPTION
 @_errors
 def evaluate(
     checkpoint: str,
@@ -533,6 +555,7 @@ def evaluate(
     batch_size: int,
     examples: int,
     title: str,
+    mirror: bool,
 ) -> None:
     """Rank-k/CMC, mAP, confusion, ROC, rate histograms, part accuracy and correspondence error on TEST."""
     from tqdm import tqdm
@@ -566,6 +589,7 @@ def evaluate(
         rest_vertices_for(gal, source),
         batch_size=batch_size,
         keep_examples=examples,
+        mirror=mirror,
     )
     skips = SkipCounter()
     with tqdm(total=total, desc="evaluate", unit="img") as bar:
