@@ -82,3 +82,22 @@ def test_recognize_command_explains_a_training_image(trained, tmp_path):
     assert r.exit_code == 0, r.output
     assert "match strongly" in r.output or "matches strongly" in r.output
     assert (tmp_path / "o" / "person.png").exists() and (tmp_path / "o" / "person.json").exists()
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_the_rates_histograms_give_back_are_the_rates_the_decision_used(trained, mirror):
+    # calibration and the threshold curve recompute rates from each image's similarity histogram and pixel
+    # count: at the evaluator's own T they must be the rates it decided by (with or without the mirror view)
+    from trainer.data import iterate_samples, resolve_spec
+    from trainer.evaluation import Evaluator, rates_at
+    from trainer.recognition_cli import load_checkpoint, open_gallery_for
+
+    loaded = load_checkpoint(trained["ckpt"])
+    gallery = open_gallery_for(loaded, trained["gallery"])
+    t = 0.6
+    ev = Evaluator(loaded.model, gallery, loaded.input_size, t, 0.0, keep_examples=0, mirror=mirror)
+    results = ev.run(iterate_samples(resolve_spec(str(trained["data"])).urls, None, 12))
+    assert len(results) == 12
+    for r in results:
+        np.testing.assert_allclose(rates_at(r.sim_hist, r.n_foreground, t), r.rates, atol=1e-6)
+        assert r.rates.max() <= 1.0

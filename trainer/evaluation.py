@@ -52,7 +52,7 @@ class QueryResult:
     rates: np.ndarray  # (I,) correspondence rate against every identity at threshold T
     tie_break: np.ndarray  # (I,) mean similarity of corresponding pixels
     sim_hist: np.ndarray  # (I, SIM_BINS) int32: same-part pixels per best-similarity bin
-    n_foreground: int
+    n_foreground: int  # the foreground pixels the rates count (the image's own and its mirror view's)
     seg_confusion: np.ndarray  # (16, 16) int64 ground truth (rows) x predicted (cols) at the feature grid
     corr_error: np.ndarray  # (M,) metres, best match vs true vertex, pixels with a known vertex
     corr_error_matched: np.ndarray  # (M',) the same for corresponding pixels only
@@ -382,7 +382,7 @@ class Evaluator:
             rates,
             tie,
             hist,
-            len(px.parts),
+            len(counted.parts),  # what the rates count (with the mirror view, twice the image's own)
             conf,
             err_all,
             err_matched,
