@@ -159,6 +159,7 @@ def main() -> None:
             rows.append((n, open_s, statistics.median(short), max(short), statistics.median(full), *acc))
             print(rows[-1], file=sys.stderr)
     cpu = platform.processor() or platform.machine()
+    threshold = attrs.get("similarity_threshold", "default")
     load_avg = os.getloadavg()[0]
     lines = [
         "## Recognition latency at gallery scale (`bench/recognize_latency.py`)",
@@ -168,8 +169,7 @@ def main() -> None:
         f"{input_size[1]}, {len(extra[0].embeddings) if extra else '?'} points per identity, "
         f"embeddings float16 on disk). Per image: encode the image, per-part shortlist over all "
         f"identities, full registration of the best {args.shortlist}. Median over {len(images)} images, "
-        f"gallery already open; thresholds: the --gallery's (T {attrs.get('similarity_threshold', 'default')}"
-        "). "
+        f"gallery already open; thresholds: the --gallery's (T {threshold}). "
         "The image's mirror view is encoded and registered too (recognition's default). "
         f"1-minute load average {load_avg:.1f} on {os.cpu_count()} cores when it ran "
         "(other jobs slow every row alike).",

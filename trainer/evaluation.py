@@ -31,6 +31,7 @@ from trainer.recognition import (
     decide,
     image_pixels,
     letterbox,
+    own_registration,
     register_rows,
 )
 
@@ -368,9 +369,8 @@ class Evaluator:
         gt_vid = _labels_at_input(s["vid"], box, self.input_size)
         conf, _ = seg_confusion_at_grid(px.seg, gt_parts, px.stride)
         err_all = err_matched = np.zeros(0, np.float32)
-        own = regs if counted is px else None  # the image's own registrations, made when needed
         if true_row >= 0:
-            c = regs[true_row] if own else register_rows(px, gal, [true_row], self.similarity_threshold)[0]
+            c = own_registration(px, counted, regs[true_row], gal, true_row, self.similarity_threshold)
             pts = gal.rows([true_row], ("points",))["points"][0]
             err_all, err_matched = correspondence_errors(
                 px, c.best_point, c.matched, gt_vid, pts, self.vertex_positions.get(true_row)
@@ -388,12 +388,12 @@ class Evaluator:
             err_matched,
             decision,
         )
-        self._maybe_keep_example(s, px, box, own, decision, true_row)
+        self._maybe_keep_example(s, px, counted, box, regs, decision, true_row)
         return q
 
-    def _maybe_keep_example(self, s, px, box, regs, decision, true_row) -> None:  # noqa: ANN001
-        """Keep the first few answers of each outcome (with their registrations of the image's own pixels,
-        `regs` when those are what the rates counted, else made here) for the report."""
+    def _maybe_keep_example(self, s, px, counted, box, regs, decision, true_row) -> None:  # noqa: ANN001
+        """Keep the first few answers of each outcome (with the registration of the image's own pixels
+        against the top identity) for the report."""
         if true_row < 0 or len(self.examples) >= self.keep_examples:
             return
         outcome = answer_outcome(decision, self.gallery.names[true_row])
@@ -401,12 +401,11 @@ class Evaluator:
         if have >= -(-self.keep_examples // len(OUTCOMES)):  # an equal share, rounded up
             return
         top = decision.ranking[0]
-        best = regs[top] if regs else register_rows(px, self.gallery, [top], self.similarity_threshold)[0]
         rec = Recognition(
             decision=decision,
             candidates=[],
             pixels=px,
-            best=best,
+            best=own_registration(px, counted, regs[top], self.gallery, top, self.similarity_threshold),
             best_identity=self.gallery.identity(top),
             box=box,
             similarity_threshold=self.similarity_threshold,

@@ -741,6 +741,21 @@ def register_rows(
     return out
 
 
+def own_registration(
+    own: PixelFeatures,
+    counted: PixelFeatures,
+    counted_reg: Correspondence,
+    gallery: Gallery,
+    row: int,
+    threshold: float,
+) -> Correspondence:
+    """The image's own pixels registered against gallery `row` (what explanations show): `counted_reg` when
+    the rates counted exactly those pixels, else (the mirror view pooled in) registered here."""
+    if own is counted:
+        return counted_reg
+    return register_rows(own, gallery, [row], threshold)[0]
+
+
 class Recognizer:
     """Registers images against a gallery: per-part shortlist, then full registration of the best few."""
 
@@ -816,14 +831,12 @@ class Recognizer:
                 )
             )
         top_row = decision.ranking[0]
-        best = reg_of[top_row]
-        if own is not None and own is not pixels:
-            best = register_rows(own, gal, [top_row], self.similarity_threshold)[0]
+        own = pixels if own is None else own
         return Recognition(
             decision=decision,
             candidates=candidates,
-            pixels=pixels if own is None else own,
-            best=best,
+            pixels=own,
+            best=own_registration(own, pixels, reg_of[top_row], gal, top_row, self.similarity_threshold),
             best_identity=gal.identity(top_row),
             box=box,
             similarity_threshold=self.similarity_threshold,
